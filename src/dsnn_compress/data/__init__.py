@@ -1,0 +1,1 @@
+"""Speech data: manifests, audio, features, text normalisation, tokenizer, batching."""
