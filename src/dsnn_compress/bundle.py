@@ -1,0 +1,239 @@
+"""The DSNN bundle: dense weights + packed keep codes + JSON metadata in one safetensors file.
+
+See ``docs/bundle-format.md`` for the on-disk specification.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import read_safetensors
+from .errors import DsnnError, UsageError
+from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes, validate_levels
+from .safetensors_io import write_safetensors
+
+FORMAT_NAME = "dsnn-bundle"
+FORMAT_VERSION = "1"
+CODE_SUFFIX = ".dsnn_code"
+LEVEL_TOLERANCE = 1e-6
+_REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "pruned")
+_JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
+              "recipe", "evaluation", "training")
+
+
+@dataclass
+class Bundle:
+    """Dense tensors, their keep codes and metadata. Level ``k`` keeps weights whose code is ``>= k``."""
+
+    tensors: dict[str, torch.Tensor]
+    codes: dict[str, torch.Tensor]
+    levels: tuple[float, ...]
+    """Sparse levels (the dense level 0 is implicit)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def all_levels(self) -> tuple[float, ...]:
+        """Every level including the dense 0."""
+        return (0.0, *self.levels)
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight of the packed codes."""
+        return code_bits(len(self.levels))
+
+    def level_index(self, level: float | str) -> int:
+        """Index (0 = dense) of ``level``, given as a fraction (``0.7``), a percentage (``70%``) or ``dense``."""
+        value = parse_level(level)
+        for index, candidate in enumerate(self.all_levels):
+            if abs(candidate - value) <= LEVEL_TOLERANCE:
+                return index
+        available = ", ".join(f"{v:g}" for v in self.all_levels)
+        raise UsageError(f"level {value:g} is not in this bundle", f"choose one of {available}")
+
+    def mask(self, name: str, level: float | str) -> torch.Tensor:
+        """Boolean keep-mask of tensor ``name`` at ``level``."""
+        return self.codes[name] >= self.level_index(level)
+
+    def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
+        """A plain state dict at ``level``: every source tensor, pruned weights set to exactly zero."""
+        index = self.level_index(level)
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.tensors.items():
+            code = self.codes.get(name)
+            if code is None or index == 0:
+                out[name] = tensor
+            else:
+                out[name] = torch.where(code >= index, tensor, torch.zeros((), dtype=tensor.dtype))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Achieved sparsity per level (prunable and overall) and per tensor, computed from the codes."""
+        return sparsity_summary(self.tensors, self.codes, self.levels)
+
+
+def parse_level(level: float | str) -> float:
+    """Parse a level given as ``0.7``, ``70%`` or ``dense``."""
+    if isinstance(level, str):
+        text = level.strip().lower()
+        if text in ("dense", "0", "0.0"):
+            return 0.0
+        try:
+            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UsageError(f"level {level!r} is not a number", "use a fraction such as 0.7") from None
+    else:
+        value = float(level)
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise UsageError(f"level {value:g} is outside [0, 1)", "use a fraction such as 0.7")
+    return value
+
+
+def sparsity_summary(
+    tensors: Mapping[str, torch.Tensor], codes: Mapping[str, torch.Tensor], levels: Sequence[float]
+) -> dict[str, Any]:
+    """Per-level and per-tensor pruned counts and sparsities."""
+    num = len(levels)
+    per_tensor: dict[str, dict[str, Any]] = {}
+    pruned_totals = [0] * (num + 1)
+    for name in sorted(codes):
+        counts = pruned_per_level(codes[name], num)
+        numel = codes[name].numel()
+        per_tensor[name] = {
+            "shape": list(codes[name].shape),
+            "numel": numel,
+            "pruned": counts,
+            "sparsity": [round(c / numel, 8) if numel else 0.0 for c in counts],
+        }
+        pruned_totals = [a + b for a, b in zip(pruned_totals, counts)]
+    prunable = sum(v["numel"] for v in per_tensor.values())
+    total = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    per_level = []
+    for k, level in enumerate((0.0, *levels)):
+        per_level.append({
+            "level": level,
+            "pruned": pruned_totals[k],
+            "prunable_sparsity": round(pruned_totals[k] / prunable, 8) if prunable else 0.0,
+            "overall_sparsity": round(pruned_totals[k] / total, 8) if total else 0.0,
+            "nonzero_params": total - pruned_totals[k],
+        })
+    return {"prunable_params": prunable, "total_params": total, "levels": per_level, "tensors": per_tensor}
+
+
+def build_metadata(bundle: Bundle) -> dict[str, str]:
+    """The ``__metadata__`` string map of ``bundle`` (JSON values), with fresh sparsity statistics."""
+    summary = bundle.summary()
+    meta: dict[str, Any] = {k: v for k, v in bundle.metadata.items() if v is not None}
+    meta.update({
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "levels": list(bundle.levels),
+        "code_bits": str(bundle.bits),
+        "code_suffix": CODE_SUFFIX,
+        "pruned": {name: {"shape": v["shape"], "pruned": v["pruned"]} for name, v in summary["tensors"].items()},
+        "sparsity": {k: v for k, v in summary.items() if k != "tensors"},
+    })
+    meta.setdefault("tool", {"name": "dsnn-compress", "version": __version__})
+    out: dict[str, str] = {}
+    for key, value in meta.items():
+        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return out
+
+
+def save_bundle(bundle: Bundle, path: str | Path) -> Path:
+    """Write ``bundle`` atomically to ``path`` (temp file, fsync, rename). Returns the path."""
+    out = Path(path)
+    for name, code in bundle.codes.items():
+        if name not in bundle.tensors:
+            raise DsnnError(f"code for {name} has no tensor")
+        if tuple(code.shape) != tuple(bundle.tensors[name].shape):
+            shape = tuple(bundle.tensors[name].shape)
+            raise DsnnError(f"code for {name} has shape {tuple(code.shape)}, tensor {shape}")
+    clash = [n for n in bundle.tensors if n.endswith(CODE_SUFFIX)]
+    if clash:
+        raise DsnnError(f"source tensor {clash[0]} ends in {CODE_SUFFIX}, which the bundle format reserves")
+    stored: dict[str, torch.Tensor] = dict(bundle.tensors)
+    for name, code in bundle.codes.items():
+        stored[name + CODE_SUFFIX] = pack_codes(code, bundle.bits)
+    write_safetensors(out, stored, build_metadata(bundle))
+    bundle.path = out
+    return out
+
+
+def _parse_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _JSON_KEYS:
+            try:
+                meta[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise DsnnError(f"{path}: metadata {key!r} is not valid JSON", "the bundle is corrupt") from None
+        else:
+            meta[key] = value
+    return meta
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and validate a bundle: format/version, levels, code bits, shapes, code ranges, recorded counts."""
+    src = Path(path)
+    if not src.is_file():
+        raise DsnnError(f"bundle {src} does not exist", "check the path, or create one with `dsnn prune`")
+    stored, raw_meta = read_safetensors(src)
+    if raw_meta.get("format") != FORMAT_NAME:
+        raise DsnnError(
+            f"{src} is not a DSNN bundle (no format={FORMAT_NAME} metadata)",
+            "create a bundle with `dsnn prune CHECKPOINT --levels ... -o BUNDLE`",
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in raw_meta]
+    if missing:
+        raise DsnnError(f"{src}: bundle metadata lacks {missing[0]!r}", "the bundle is corrupt; re-create it")
+    if raw_meta["format_version"] != FORMAT_VERSION:
+        raise DsnnError(
+            f"{src} has bundle format version {raw_meta['format_version']}, this dsnn reads version {FORMAT_VERSION}",
+            "upgrade dsnn-compress or re-create the bundle",
+        )
+    meta = _parse_metadata(raw_meta, src)
+    try:
+        levels = validate_levels([float(v) for v in meta["levels"]])
+    except (TypeError, ValueError, UsageError) as exc:
+        raise DsnnError(f"{src}: invalid levels in metadata ({exc})", "the bundle is corrupt") from None
+    bits = code_bits(len(levels))
+    if raw_meta["code_bits"] != str(bits):
+        raise DsnnError(f"{src}: code_bits {raw_meta['code_bits']} does not fit {len(levels)} levels")
+    pruned = meta["pruned"]
+    if not isinstance(pruned, dict) or not pruned:
+        raise DsnnError(f"{src}: bundle lists no pruned tensors", "the bundle is corrupt")
+    tensors = {n: t for n, t in stored.items() if not n.endswith(CODE_SUFFIX)}
+    codes: dict[str, torch.Tensor] = {}
+    for name, info in pruned.items():
+        code_name = name + CODE_SUFFIX
+        if name not in tensors or code_name not in stored:
+            raise DsnnError(f"{src}: pruned tensor {name} or its codes are missing", "the bundle is corrupt")
+        shape = tuple(tensors[name].shape)
+        if list(shape) != list(info.get("shape", [])):
+            raise DsnnError(f"{src}: {name} has shape {list(shape)} but metadata says {info.get('shape')}")
+        packed = stored[code_name]
+        if packed.numel() != packed_size(math.prod(shape), bits):
+            raise DsnnError(f"{src}: codes of {name} have the wrong size", "the bundle is corrupt")
+        code = unpack_codes(packed, bits, shape)
+        if code.numel() and int(code.max()) > len(levels):
+            raise DsnnError(f"{src}: codes of {name} exceed {len(levels)} levels", "the bundle is corrupt")
+        if not torch.equal(pack_codes(code, bits), packed):
+            raise DsnnError(f"{src}: codes of {name} have stray padding bits", "the bundle is corrupt")
+        if pruned_per_level(code, len(levels)) != info.get("pruned"):
+            raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
+        codes[name] = code
+    stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
+    if stray:
+        raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
+    keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "levels", "code_bits",
+                                                        "code_suffix", "pruned", "sparsity")}
+    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src)

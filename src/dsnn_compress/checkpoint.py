@@ -1,0 +1,197 @@
+"""Read a dense source checkpoint of any supported kind into a flat ``name -> tensor`` dict.
+
+Supported: ``.safetensors``; ``.pt/.pth/.bin/.ckpt`` via ``torch.load(weights_only=True)`` (pickled code is
+refused), with ``state_dict`` / ``model`` / ``module`` nesting unwrapped; a Hugging Face ``save_pretrained``
+directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, sharded or not), whose small text
+files (configs, vocabularies) are kept for later steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import DsnnError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+HF_KEPT_SUFFIXES = (".json", ".txt", ".model", ".py.txt")
+HF_KEPT_MAX_BYTES = 4 * 1024 * 1024
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+
+
+@dataclass
+class SourceCheckpoint:
+    """A loaded dense checkpoint: tensors plus where they came from."""
+
+    tensors: dict[str, torch.Tensor]
+    kind: str
+    """``safetensors``, ``torch`` or ``hf-dir``."""
+    path: Path
+    sha256: str
+    file_metadata: dict[str, str] = field(default_factory=dict)
+    """``__metadata__`` of a safetensors source (a dsnn checkpoint keeps its model description here)."""
+    hf_files: dict[str, str] = field(default_factory=dict)
+    """Small text files of a Hugging Face directory (config.json, vocab.json, ...), by file name."""
+    skipped_entries: list[str] = field(default_factory=list)
+    """Non-tensor entries of a torch state dict that were ignored."""
+
+    @property
+    def model_metadata(self) -> dict[str, Any] | None:
+        """The dsnn model description (family, config, vocabulary) if the source carries one."""
+        raw = self.file_metadata.get("model")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise DsnnError(f"{self.path}: the 'model' metadata is not valid JSON", "re-save the checkpoint") from None
+        return value if isinstance(value, dict) else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the ``__metadata__`` of a safetensors file, with corrupt files reported clearly."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DsnnError(
+            f"{path} is not a readable safetensors file ({_short(exc)})",
+            "the file may be truncated or corrupt; re-export it",
+        ) from exc
+    return tensors, metadata
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors of a ``torch.save`` file, loaded with ``weights_only=True`` and unwrapped from common nesting."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DsnnError(
+            f"{path} contains pickled Python objects beyond tensors, which dsnn refuses to unpickle",
+            "re-save only the weights: torch.save(model.state_dict(), path) or save_file(...) from safetensors",
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise DsnnError(f"{path} is not a readable torch checkpoint ({_short(exc)})", "check the file") from exc
+    return _flatten_state(obj, path)
+
+
+def _flatten_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, dict):
+        raise DsnnError(
+            f"{path} holds a {type(obj).__name__}, not a state dict", "save model.state_dict() instead"
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    return tensors, skipped
+
+
+def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, str]]:
+    """Weights of a ``save_pretrained`` directory, the file that was hashed, and the small text files."""
+    hf_files: dict[str, str] = {}
+    for item in sorted(path.iterdir()):
+        if item.is_file() and item.suffix in HF_KEPT_SUFFIXES and item.stat().st_size <= HF_KEPT_MAX_BYTES:
+            if item.name.endswith(".index.json"):
+                continue
+            try:
+                hf_files[item.name] = item.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+    for weights in HF_WEIGHT_FILES:
+        candidate = path / weights
+        if not candidate.is_file():
+            continue
+        if weights.endswith(".index.json"):
+            try:
+                index = json.loads(candidate.read_text(encoding="utf-8"))
+                shards = sorted(set(index["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise DsnnError(f"{candidate} is not a valid shard index", "re-save the model") from None
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                shard_path = path / shard
+                if not shard_path.is_file():
+                    raise DsnnError(f"shard {shard_path} listed in {candidate.name} is missing", "copy all shards")
+                tensors.update(_read_any_file(shard_path)[0])
+            return tensors, candidate, hf_files
+        return _read_any_file(candidate)[0], candidate, hf_files
+    raise DsnnError(
+        f"{path} has config.json but no model.safetensors or pytorch_model.bin",
+        "point at a complete save_pretrained directory",
+    )
+
+
+def _read_any_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+        return tensors, metadata, []
+    if path.suffix in TORCH_SUFFIXES:
+        tensors, skipped = read_torch_file(path)
+        return tensors, {}, skipped
+    raise DsnnError(
+        f"{path} has an unsupported extension {path.suffix!r}",
+        "use .safetensors, .pt, .pth, .bin, .ckpt or a Hugging Face model directory",
+    )
+
+
+def load_source(path: str | Path) -> SourceCheckpoint:
+    """Load a dense checkpoint from a file or Hugging Face directory; reject DSNN bundles and empty files."""
+    src = Path(path)
+    if not src.exists():
+        raise DsnnError(f"checkpoint {src} does not exist", "check the path")
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise DsnnError(
+                f"{src} is a directory without config.json",
+                "pass a checkpoint file or a Hugging Face save_pretrained directory",
+            )
+        tensors, hashed, hf_files = _read_hf_dir(src)
+        source = SourceCheckpoint(tensors, "hf-dir", src, sha256_file(hashed), hf_files=hf_files)
+    else:
+        tensors, metadata, skipped = _read_any_file(src)
+        kind = "safetensors" if src.suffix == ".safetensors" else "torch"
+        source = SourceCheckpoint(tensors, kind, src, sha256_file(src), metadata, skipped_entries=skipped)
+        if metadata.get("format") == "dsnn-bundle":
+            raise DsnnError(
+                f"{src} is already a DSNN bundle",
+                "prune the dense checkpoint instead, or `dsnn export --level 0` it first",
+            )
+    if not source.tensors:
+        raise DsnnError(f"checkpoint {src} contains no tensors", "check that it is the right file")
+    return source

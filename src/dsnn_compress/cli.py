@@ -1,0 +1,199 @@
+"""The `dsnn` command line: thin Typer commands over the library functions.
+
+Exit codes: 0 success, 1 failure, 2 usage error, 3 quality gate failed. Errors print one line
+``error: ...`` on stderr; ``--debug`` (anywhere on the command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
+
+from . import __version__
+from .console import err, out, progress
+from .errors import EXIT_FAILURE, EXIT_USAGE, DsnnError
+
+app = typer.Typer(
+    name="dsnn",
+    help="Dynamic Sparsity Neural Networks for ASR: nested sparsity levels in one safetensors bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dsnn-compress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Dynamic Sparsity Neural Networks for ASR."""
+
+
+def _command_line() -> list[str]:
+    return ["dsnn", *[a for a in sys.argv[1:] if a != "--debug"]]
+
+
+def _split_patterns(values: list[str] | None) -> list[str]:
+    patterns: list[str] = []
+    for value in values or []:
+        patterns.extend(p.strip() for p in value.split(",") if p.strip())
+    return patterns
+
+
+@app.command()
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a "
+                                                    "Hugging Face save_pretrained directory.")],
+    levels: Annotated[str, typer.Option("--levels", "-l", help="Sparse levels, e.g. 0.5,0.7,0.9.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.safetensors).")],
+    allocation: Annotated[str, typer.Option(help="per-layer or global.")] = "per-layer",
+    include: Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to prune "
+                                                                        "(repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on names to keep dense "
+                                                                        "(repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Rank weights once and write one bundle holding every nested sparsity level."""
+    from .atomic import check_output_path
+    from .bundle import save_bundle
+    from .checkpoint import load_source
+    from .masks import ALLOCATIONS, parse_levels
+    from .prune import build_bundle
+    from .report import inspect_report, levels_table, to_json
+
+    level_values = parse_levels(levels)
+    if allocation not in ALLOCATIONS:
+        raise typer.BadParameter(f"{allocation!r} is not one of {', '.join(ALLOCATIONS)}", param_hint="--allocation")
+    check_output_path(output, force)
+    with progress() as bar:
+        task = bar.add_task("loading", total=None, info=str(checkpoint))
+        source = load_source(checkpoint)
+        bar.update(task, description="ranking", total=1, completed=0, info="")
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        bundle = build_bundle(source, level_values, allocation, _split_patterns(include), _split_patterns(exclude),
+                              command=_command_line(), on_progress=on_progress)
+        bar.update(task, description="writing", info=str(output))
+        save_bundle(bundle, output)
+    report = inspect_report(bundle, output.stat().st_size)
+    if json_out:
+        out.print(to_json({k: v for k, v in report.items() if k != "tensors"}), markup=False, highlight=False)
+        return
+    if source.skipped_entries:
+        err.print(f"note: ignored {len(source.skipped_entries)} non-tensor entries of the checkpoint")
+    out.print(levels_table(report, f"wrote {output} ({len(bundle.codes)} pruned tensors)"))
+
+
+@app.command()
+def inspect(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A DSNN bundle.")],
+    layers: Annotated[bool, typer.Option("--layers", help="Also show every tensor.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show levels, achieved sparsity and what was pruned."""
+    from .bundle import load_bundle
+    from .report import inspect_report, print_inspect, to_json
+
+    bundle = load_bundle(bundle_path)
+    report = inspect_report(bundle, bundle_path.stat().st_size)
+    if json_out:
+        if not layers:
+            report = {k: v for k, v in report.items() if k != "tensors"}
+        out.print(to_json(report), markup=False, highlight=False)
+        return
+    print_inspect(report, bundle.levels, layers, out)
+
+
+@app.command()
+def export(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A DSNN bundle.")],
+    level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="safetensors or torch (default: from the "
+                                                                 "extension).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Write one level as a plain state dict (same keys and dtypes as the source, pruned weights zero)."""
+    from .atomic import check_output_path
+    from .bundle import load_bundle, parse_level
+    from .export import export_level, infer_format
+
+    parse_level(level)
+    infer_format(output, fmt)
+    check_output_path(output, force)
+    bundle = load_bundle(bundle_path)
+    bundle.level_index(level)
+    export_level(bundle, level, output, fmt)
+    err.print(f"wrote level {parse_level(level):g} of {bundle_path} to {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and turn errors into one stderr line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DSNN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="dsnn", standalone_mode=False)
+    except DsnnError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click_exceptions.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            return 0
+        if debug:
+            traceback.print_exc()
+        hint = ""
+        if ctx is not None:
+            hint = f"; see `{ctx.command_path} --help`"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, click_exceptions.UsageError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use a machine with more RAM or a smaller model", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - the last line of defence must not print a traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
+              "rerun with --debug and report it", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Nested magnitude masks encoded as keep codes.
+
+With sparse levels ``s_1 < ... < s_L`` every weight gets a *keep code* ``c`` in ``0..L``: the number of sparse
+levels at which it is still alive. The mask of level ``k`` (``k = 0`` is dense) is ``code >= k``, so masks are
+nested by construction.
+
+Ranking is by magnitude ``|w|``; ties are broken by position (the weight that comes first - earlier tensor in
+sorted-name order, then lower flat index - is pruned first), so results are deterministic. Level ``k`` prunes
+exactly ``round(s_k * n)`` weights (Python's ``round``, as ``torch.nn.utils.prune`` does), where ``n`` is the
+tensor's size (``per-layer``) or the total size of all selected tensors (``global``).
+
+Selection of the ``p``-th smallest magnitude uses a two-pass radix select over the float32 bit patterns
+(non-negative floats order like their bit patterns as integers): a 32768-bin histogram of the high 16 bits, then a
+65536-bin histogram of the low 16 bits inside the one bucket that holds the answer. It streams over tensors, so
+global allocation never concatenates the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DsnnError, UsageError
+
+ALLOCATIONS = ("per-layer", "global")
+
+
+def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
+    """Parse and validate sparsity levels such as ``"0.5,0.7,0.9"``.
+
+    Levels are fractions in (0, 1), strictly increasing and unique. A leading ``0`` (the dense level, which is
+    always present) is accepted and dropped.
+    """
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise UsageError("no sparsity levels given", "pass levels like --levels 0.5,0.7,0.9")
+        values: list[float] = []
+        for part in parts:
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UsageError(f"sparsity level {part!r} is not a number", "use fractions like 0.5,0.7,0.9") from None
+    else:
+        values = [float(v) for v in text]
+    if values and values[0] == 0.0:
+        values = values[1:]
+    return validate_levels(values)
+
+
+def validate_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """Check that sparse levels are in (0, 1), strictly increasing and non-empty; return them as a tuple."""
+    if not levels:
+        raise UsageError("no sparse level given (the dense level 0 is implicit)", "pass e.g. --levels 0.5,0.7,0.9")
+    for value in levels:
+        if not math.isfinite(value) or not 0.0 < value < 1.0:
+            raise UsageError(f"sparsity level {value:g} is outside (0, 1)", "use fractions such as 0.5 for 50 %")
+    for a, b in zip(levels, levels[1:]):
+        if a == b:
+            raise UsageError(f"sparsity level {a:g} is given twice", "list each level once")
+        if b < a:
+            raise UsageError(
+                f"sparsity levels must increase, got {a:g} before {b:g}", "sort them, e.g. --levels 0.5,0.7,0.9"
+            )
+    return tuple(float(v) for v in levels)
+
+
+def code_bits(num_levels: int) -> int:
+    """Bits per weight needed for codes ``0..num_levels``: ``ceil(log2(L + 1))``."""
+    return max(1, math.ceil(math.log2(num_levels + 1)))
+
+
+def pruned_count(sparsity: float, size: int) -> int:
+    """How many of ``size`` weights a level prunes: ``round(sparsity * size)`` (matches torch.nn.utils.prune)."""
+    return int(round(sparsity * size))
+
+
+def _magnitude_bits(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Flat int32 bit patterns of ``|tensor|`` as float32 (order-preserving for non-negative floats)."""
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_floating_point():
+        raise UsageError(f"tensor {name} has dtype {flat.dtype}, not floating point", "exclude it from pruning")
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    finite = torch.isfinite(flat)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise DsnnError(
+            f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
+            "fix or retrain the model, or exclude that tensor with --exclude",
+        )
+    return flat.abs().view(torch.int32)
+
+
+class _Selection:
+    """The p-th smallest magnitude (as int32 bits) and how many ties at that value are pruned."""
+
+    __slots__ = ("threshold", "ties_pruned")
+
+    def __init__(self, threshold: int, ties_pruned: int) -> None:
+        self.threshold = threshold
+        self.ties_pruned = ties_pruned
+
+
+def _select(bits_list: Sequence[torch.Tensor], counts: Sequence[int]) -> list[_Selection | None]:
+    """Radix-select, for each count ``p``, the value of the p-th smallest element across ``bits_list``.
+
+    Returns ``None`` for ``p == 0`` (nothing pruned). Otherwise the threshold ``t`` is such that every element
+    ``< t`` is pruned, plus the first ``ties_pruned`` elements equal to ``t`` in stream order.
+    """
+    hi_hist = torch.zeros(32768, dtype=torch.int64)
+    for bits in bits_list:
+        hi_hist += torch.bincount(bits >> 16, minlength=32768)
+    hi_cum = torch.cumsum(hi_hist, 0)
+    out: list[_Selection | None] = []
+    for p in counts:
+        if p <= 0:
+            out.append(None)
+            continue
+        bucket = int(torch.searchsorted(hi_cum, torch.tensor(p, dtype=torch.int64)))
+        below_bucket = int(hi_cum[bucket - 1]) if bucket > 0 else 0
+        lo_hist = torch.zeros(65536, dtype=torch.int64)
+        for bits in bits_list:
+            inside = bits[(bits >> 16) == bucket]
+            if inside.numel():
+                lo_hist += torch.bincount(inside & 0xFFFF, minlength=65536)
+        lo_cum = torch.cumsum(lo_hist, 0) + below_bucket
+        lo = int(torch.searchsorted(lo_cum, torch.tensor(p, dtype=torch.int64)))
+        below_value = int(lo_cum[lo - 1]) if lo > 0 else below_bucket
+        out.append(_Selection((bucket << 16) | lo, p - below_value))
+    return out
+
+
+def _apply_selection(
+    codes: list[torch.Tensor], bits_list: Sequence[torch.Tensor], selection: _Selection | None
+) -> None:
+    """Add 1 to the code of every element that survives ``selection`` (in place, across the stream)."""
+    if selection is None:
+        for code in codes:
+            code += 1
+        return
+    ties_left = selection.ties_pruned
+    for code, bits in zip(codes, bits_list):
+        code += bits > selection.threshold
+        equal = (bits == selection.threshold).nonzero().reshape(-1)
+        if equal.numel() == 0:
+            continue
+        survivors = equal[min(ties_left, equal.numel()) :]
+        ties_left = max(0, ties_left - equal.numel())
+        if survivors.numel():
+            code[survivors] += 1
+
+
+def compute_codes(
+    tensors: Mapping[str, torch.Tensor],
+    levels: Sequence[float],
+    allocation: str = "per-layer",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep codes (uint8, same shape as each tensor) for nested magnitude pruning at ``levels``.
+
+    ``per-layer``: each tensor prunes ``round(s * numel)`` weights at level ``s``. ``global``: one threshold per
+    level across all tensors, pruning ``round(s * total)`` weights overall. Tensors are processed in sorted-name
+    order, which fixes tie-breaking across tensors. ``on_progress(done, total)`` reports progress in weights.
+    """
+    levels = validate_levels(list(levels))
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation {allocation!r}", f"choose one of {', '.join(ALLOCATIONS)}")
+    names = sorted(tensors)
+    if not names:
+        raise UsageError("no tensor selected for pruning", "check --include/--exclude patterns")
+    codes: dict[str, torch.Tensor] = {}
+    total = sum(tensors[n].numel() for n in names)
+    done = 0
+    if allocation == "per-layer":
+        for name in names:
+            bits = _magnitude_bits(tensors[name], name)
+            code = torch.zeros(bits.numel(), dtype=torch.uint8)
+            for selection in _select([bits], [pruned_count(s, bits.numel()) for s in levels]):
+                _apply_selection([code], [bits], selection)
+            codes[name] = code.reshape(tensors[name].shape)
+            del bits
+            done += code.numel()
+            if on_progress:
+                on_progress(done, total)
+        return codes
+    bits_list = [_magnitude_bits(tensors[name], name) for name in names]
+    flat_codes = [torch.zeros(b.numel(), dtype=torch.uint8) for b in bits_list]
+    for k, selection in enumerate(_select(bits_list, [pruned_count(s, total) for s in levels]), 1):
+        _apply_selection(flat_codes, bits_list, selection)
+        if on_progress:
+            on_progress(total * k // len(levels), total)
+    for name, code in zip(names, flat_codes):
+        codes[name] = code.reshape(tensors[name].shape)
+    return codes
+
+
+def level_mask(code: torch.Tensor, level_index: int) -> torch.Tensor:
+    """Boolean keep-mask of level ``level_index`` (0 = dense) from a code tensor."""
+    return code >= level_index
+
+
+def code_histogram(code: torch.Tensor, num_levels: int) -> list[int]:
+    """Count of weights per code value ``0..num_levels``."""
+    return torch.bincount(code.reshape(-1).to(torch.int64), minlength=num_levels + 1).tolist()
+
+
+def pruned_per_level(code: torch.Tensor, num_levels: int) -> list[int]:
+    """Number of pruned weights at each level ``0..num_levels`` (level 0 prunes none)."""
+    hist = code_histogram(code, num_levels)
+    return [sum(hist[:k]) for k in range(num_levels + 1)]
+
+
+def pack_codes(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack codes into a flat uint8 tensor.
+
+    Layout: a little-endian bit stream; code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, least significant
+    bit first, and stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``. Unused high bits of the last byte are 0.
+    """
+    flat = code.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    if bits in (1, 2, 4, 8):
+        per_byte = 8 // bits
+        padded = torch.zeros(((n + per_byte - 1) // per_byte) * per_byte, dtype=torch.uint8)
+        padded[:n] = flat
+        groups = padded.reshape(-1, per_byte)
+        packed = torch.zeros(groups.shape[0], dtype=torch.uint8)
+        for j in range(per_byte):
+            packed |= groups[:, j] << (j * bits)
+        return packed
+    array = flat.numpy()
+    bit_matrix = ((array[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: Iterable[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    expected = packed_size(n, bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise DsnnError(
+            f"packed code tensor has {packed.numel()} bytes of {packed.dtype}, expected {expected} uint8",
+            "the bundle is corrupt; re-create it with dsnn prune",
+        )
+    if bits in (1, 2, 4, 8):
+        per_byte = 8 // bits
+        mask = (1 << bits) - 1
+        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        codes = ((packed[:, None] >> shifts) & mask).reshape(-1)
+        return codes[:n].reshape(shape).contiguous()
+    stream = np.unpackbits(packed.numpy(), count=n * bits, bitorder="little").reshape(n, bits)
+    values = (stream.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+    return torch.from_numpy(values).reshape(shape)
+
+
+def packed_size(num_weights: int, bits: int) -> int:
+    """Bytes of a packed code tensor for ``num_weights`` weights at ``bits`` bits each."""
+    return (num_weights * bits + 7) // 8

@@ -1,0 +1,117 @@
+"""Rendering of reports: rich tables for the terminal, JSON and Markdown for machines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .bundle import Bundle
+
+
+def human_bytes(num: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num) < 1024 or unit == "GiB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num:.1f} GiB"
+
+
+def pct(value: float) -> str:
+    """``0.7`` -> ``70.00 %``."""
+    return f"{100 * value:.2f} %"
+
+
+def inspect_report(bundle: Bundle, file_size: int | None = None) -> dict[str, Any]:
+    """Everything `dsnn inspect` shows, as a JSON-ready dict."""
+    summary = bundle.summary()
+    element_size = {n: t.element_size() for n, t in bundle.tensors.items()}
+    nonzero_bytes = []
+    dense_bytes = sum(t.numel() * t.element_size() for t in bundle.tensors.values())
+    for k, _level in enumerate(bundle.all_levels):
+        pruned_bytes = sum(
+            info["pruned"][k] * element_size[name] for name, info in summary["tensors"].items()
+        )
+        nonzero_bytes.append(dense_bytes - pruned_bytes)
+    levels = [dict(entry, nonzero_bytes=nb) for entry, nb in zip(summary["levels"], nonzero_bytes)]
+    meta = bundle.metadata
+    return {
+        "path": str(bundle.path) if bundle.path else None,
+        "file_bytes": file_size,
+        "dense_bytes": dense_bytes,
+        "levels": levels,
+        "code_bits": bundle.bits,
+        "allocation": meta.get("allocation"),
+        "selection": meta.get("selection"),
+        "source": meta.get("source"),
+        "tool": meta.get("tool"),
+        "model": {k: meta["model"].get(k) for k in ("family", "config")} if isinstance(meta.get("model"), dict)
+        else None,
+        "prunable_params": summary["prunable_params"],
+        "total_params": summary["total_params"],
+        "tensors": summary["tensors"],
+        "not_pruned": sorted(n for n in bundle.tensors if n not in bundle.codes),
+        "evaluation": meta.get("evaluation"),
+    }
+
+
+def levels_table(report: dict[str, Any], title: str) -> Table:
+    """Per-level table: target, achieved sparsity of prunable and of all parameters, nonzero params, bytes."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("level", justify="right")
+    table.add_column("prunable sparsity", justify="right")
+    table.add_column("overall sparsity", justify="right")
+    table.add_column("nonzero params", justify="right")
+    table.add_column("nonzero bytes", justify="right")
+    for entry in report["levels"]:
+        table.add_row(
+            "dense" if entry["level"] == 0 else f"{entry['level']:g}",
+            pct(entry["prunable_sparsity"]),
+            pct(entry["overall_sparsity"]),
+            f"{entry['nonzero_params']:,}",
+            human_bytes(entry["nonzero_bytes"]),
+        )
+    return table
+
+
+def tensors_table(report: dict[str, Any], levels: Sequence[float]) -> Table:
+    """Per-tensor table: shape, size and sparsity at every sparse level; unpruned tensors listed after."""
+    table = Table(title="pruned tensors", title_justify="left")
+    table.add_column("tensor")
+    table.add_column("shape")
+    table.add_column("params", justify="right")
+    for level in levels:
+        table.add_column(f"@{level:g}", justify="right")
+    for name, info in report["tensors"].items():
+        table.add_row(name, "x".join(map(str, info["shape"])), f"{info['numel']:,}",
+                      *[pct(s) for s in info["sparsity"][1:]])
+    return table
+
+
+def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool, console: Console) -> None:
+    """Print the inspect report as rich tables."""
+    source = report.get("source") or {}
+    size = f", file {human_bytes(report['file_bytes'])}" if report.get("file_bytes") else ""
+    console.print(
+        f"[bold]{report['path']}[/bold]: {len(levels)} sparse levels, {report['code_bits']}-bit codes, "
+        f"{report['allocation']} allocation, {len(report['tensors'])} pruned tensors "
+        f"({report['prunable_params']:,} of {report['total_params']:,} params){size}"
+    )
+    if source:
+        console.print(f"source: {source.get('file')} (sha256 {str(source.get('sha256'))[:12]}…, {source.get('kind')})")
+    if report.get("model"):
+        console.print(f"model: {report['model'].get('family')}")
+    console.print(levels_table(report, "levels"))
+    if layers:
+        console.print(tensors_table(report, levels))
+        if report["not_pruned"]:
+            console.print(f"not pruned ({len(report['not_pruned'])}): " + ", ".join(report["not_pruned"]))
+
+
+def to_json(data: Any) -> str:
+    """Stable, indented JSON."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,104 @@
+"""Attach a bundle's keep codes to a live ``torch.nn.Module`` and switch levels at run time.
+
+Two switching designs were measured (``benchmarks/switching.py``, numbers in BENCHMARKS.md):
+
+* in-place (this module's :class:`DynamicSparsity`): the dense values of pruned tensors are kept aside and
+  ``set_level`` writes ``dense * mask`` into the parameters once; every forward afterwards is a plain forward.
+* masked view (:func:`masked_parameters` + ``torch.func.functional_call``): every forward multiplies weights by the
+  level's mask. Gradients then flow to shared dense weights only through the weights alive at that level, which
+  is what joint multi-level training needs, so training uses this one.
+
+Deployments switch rarely and run often, so the runtime switch is in-place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .bundle import Bundle
+from .errors import DsnnError
+
+
+class DynamicSparsity:
+    """A module bound to keep codes; ``set_level`` rewrites pruned parameters in place.
+
+    Create with :func:`attach`. The module's current values are taken as the dense weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, codes: Mapping[str, torch.Tensor], levels: tuple[float, ...]):
+        params = dict(module.named_parameters())
+        missing = [n for n in codes if n not in params]
+        if missing:
+            raise DsnnError(f"module has no parameter {missing[0]} that the bundle prunes",
+                            "attach the bundle to the model it was made from")
+        for name, code in codes.items():
+            if tuple(code.shape) != tuple(params[name].shape):
+                raise DsnnError(f"parameter {name} has shape {tuple(params[name].shape)}, codes {tuple(code.shape)}")
+        self.module = module
+        self.levels = levels
+        self._params = {n: params[n] for n in codes}
+        self._codes = {n: c.to(params[n].device) for n, c in codes.items()}
+        self._dense = {n: p.detach().clone() for n, p in self._params.items()}
+        self._index = 0
+
+    @property
+    def all_levels(self) -> tuple[float, ...]:
+        """Every level including the dense 0."""
+        return (0.0, *self.levels)
+
+    @property
+    def level(self) -> float:
+        """The active level."""
+        return self.all_levels[self._index]
+
+    def level_index(self, level: float | str) -> int:
+        """Index of ``level`` (0 = dense)."""
+        return Bundle({}, {}, self.levels).level_index(level)
+
+    @torch.no_grad()
+    def set_level(self, level: float | str) -> None:
+        """Switch the module to ``level``: pruned weights become exactly zero, others take their dense values."""
+        index = self.level_index(level)
+        for name, param in self._params.items():
+            dense = self._dense[name]
+            if index == 0:
+                param.copy_(dense)
+            else:
+                param.copy_(torch.where(self._codes[name] >= index, dense, torch.zeros((), dtype=dense.dtype)))
+        self._index = index
+
+    def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
+        """The module's state dict at ``level`` without changing the active level."""
+        index = self.level_index(level)
+        state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        for name, dense in self._dense.items():
+            state[name] = dense.clone() if index == 0 else torch.where(
+                self._codes[name] >= index, dense, torch.zeros((), dtype=dense.dtype))
+        return state
+
+    def detach(self) -> torch.nn.Module:
+        """Restore the dense weights and return the plain module."""
+        self.set_level(0.0)
+        return self.module
+
+
+def attach(module: torch.nn.Module, bundle: Bundle, load_weights: bool = True) -> DynamicSparsity:
+    """Bind ``bundle``'s codes to ``module`` (loading the bundle's dense weights first unless told not to)."""
+    if load_weights:
+        result = module.load_state_dict(bundle.tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            name = (result.missing_keys or result.unexpected_keys)[0]
+            raise DsnnError(f"bundle and module disagree on tensor {name}",
+                            "attach the bundle to the model it was made from")
+    return DynamicSparsity(module, bundle.codes, bundle.levels)
+
+
+def masked_parameters(
+    params: Mapping[str, torch.Tensor], codes: Mapping[str, torch.Tensor], level_index: int
+) -> dict[str, torch.Tensor]:
+    """``{name: weight * mask}`` for the coded parameters at ``level_index`` (differentiable; for functional_call)."""
+    if level_index == 0:
+        return {n: params[n] for n in codes}
+    return {n: params[n] * (code >= level_index).to(params[n].dtype) for n, code in codes.items()}
