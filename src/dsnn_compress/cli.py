@@ -61,8 +61,9 @@ def _split_patterns(values: list[str] | None) -> list[str]:
 
 @app.command()
 def prune(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a "
-                                                    "Hugging Face save_pretrained directory.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT",
+        help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a Hugging Face save_pretrained directory.")],
     levels: Annotated[str, typer.Option("--levels", "-l", help="Sparse levels, e.g. 0.5,0.7,0.9.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.safetensors).")],
     allocation: Annotated[str, typer.Option(help="per-layer or global.")] = "per-layer",
