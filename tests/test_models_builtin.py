@@ -39,6 +39,15 @@ TINY = {
 FAMILY_NAMES = sorted(TINY)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest (and stay fast on a busy 2-core machine) on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -120,6 +129,23 @@ def test_lstm_length_arithmetic_matches_tensor_shapes(subsampling: str) -> None:
         with torch.no_grad():
             log_probs, out_len = model(torch.randn(1, length, 13), torch.tensor([length]))
         assert log_probs.shape[1] == out_len.item() == expected_frames("lstm-ctc", length, subsampling)
+
+
+@pytest.mark.skipif(not hasattr(torch.export, "Dim") or not hasattr(torch.export.Dim, "DYNAMIC"), reason="old torch")
+def test_conformer_exports_with_dynamic_batch_and_time() -> None:
+    """torch.export (the graph capture behind the ONNX exporter) needs no data-dependent control flow."""
+    model = ConformerCTC(ConformerConfig(vocab_size=5, input_dim=16, d_model=16, num_layers=1, num_heads=2))
+    model.eval()
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.export.export(
+        model, (torch.randn(2, 30, 16), torch.tensor([30, 21])), dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn})
+    )
+    x, lengths = torch.randn(3, 53, 16), torch.tensor([53, 40, 9])
+    with torch.no_grad():
+        expected, expected_len = model(x, lengths)
+        got, got_len = program.module()(x, lengths)
+    assert torch.equal(got_len, expected_len)
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- padding invariance

@@ -16,10 +16,6 @@ from .selection import select_prunable
 def model_default_prunable(source: SourceCheckpoint) -> list[str] | None:
     """The model adapter's default prunable names when the source describes its model, else ``None``."""
     meta = source.model_metadata
-    if meta is None and source.kind == "hf-dir":
-        from .models.registry import hf_metadata_from_files
-
-        meta = hf_metadata_from_files(source.hf_files)
     if meta is None:
         return None
     from .models.registry import adapter_from_metadata

@@ -34,7 +34,7 @@ class BuiltinAdapter:
     model: nn.Module
     tokenizer: CharTokenizer
     features: FeatureConfig
-    config: Any
+    config: ConformerConfig | LSTMConfig
     normalizer: str = "default"
 
     @property
@@ -179,9 +179,7 @@ class BuiltinFamily:
         """Config fields a user may set (the derived ``vocab_size``/``input_dim`` are excluded)."""
         return [f.name for f in dataclasses.fields(self.config_cls) if f.name not in DERIVED_CONFIG_KEYS]
 
-    def _make_config(
-        self, values: Mapping[str, Any], error_cls: type[DsnnError], hint: str, context: str
-    ) -> Any:
+    def _make_config(self, values: Mapping[str, Any], error_cls: type[DsnnError], hint: str, context: str) -> Any:
         hints = typing.get_type_hints(self.config_cls)
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
         unknown = sorted(set(values) - fields)
@@ -211,9 +209,7 @@ class BuiltinFamily:
         """
         size = self.default_size if size is None else size
         if size not in self.sizes:
-            raise UsageError(
-                f"unknown size {size!r} for family {self.name}", f"choose one of: {', '.join(self.sizes)}"
-            )
+            raise UsageError(f"unknown size {size!r} for family {self.name}", f"choose one of: {', '.join(self.sizes)}")
         try:
             feat = FeatureConfig.from_dict(dict(features)) if features else FeatureConfig()
             vocab = list(vocabulary)
@@ -262,8 +258,7 @@ class BuiltinFamily:
             raise DsnnError(f"model metadata is invalid: {exc}", hint) from exc
         if "sample_rate" in meta and meta["sample_rate"] != feat.sample_rate:
             raise DsnnError(
-                f"model metadata sample_rate {meta['sample_rate']} differs from its features' "
-                f"{feat.sample_rate}",
+                f"model metadata sample_rate {meta['sample_rate']} differs from its features' {feat.sample_rate}",
                 hint,
             )
         cfg = self._make_config(meta["config"], DsnnError, hint, "model config in metadata")
@@ -279,9 +274,7 @@ class BuiltinFamily:
             )
         return self._adapter(cfg, tokenizer, feat, normalizer)
 
-    def _adapter(
-        self, cfg: Any, tokenizer: CharTokenizer, feat: FeatureConfig, normalizer: str
-    ) -> BuiltinAdapter:
+    def _adapter(self, cfg: Any, tokenizer: CharTokenizer, feat: FeatureConfig, normalizer: str) -> BuiltinAdapter:
         model = self.model_cls(cfg)
         model.eval()
         return BuiltinAdapter(

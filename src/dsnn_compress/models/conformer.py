@@ -65,9 +65,7 @@ class ConformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.subsampling not in SUBSAMPLING_MODES:
-            out.append(
-                f"subsampling must be one of {', '.join(SUBSAMPLING_MODES)} (got {self.subsampling!r})"
-            )
+            out.append(f"subsampling must be one of {', '.join(SUBSAMPLING_MODES)} (got {self.subsampling!r})")
         return out
 
 
@@ -189,9 +187,7 @@ class ConvModule(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.pointwise1 = nn.Conv1d(d_model, 2 * d_model, kernel_size=1)
-        self.depthwise = nn.Conv1d(
-            d_model, d_model, kernel_size=kernel_size, padding=kernel_size // 2, groups=d_model
-        )
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size=kernel_size, padding=kernel_size // 2, groups=d_model)
         self.depthwise_norm = nn.LayerNorm(d_model)
         self.pointwise2 = nn.Conv1d(d_model, d_model, kernel_size=1)
         self.dropout = nn.Dropout(dropout)

@@ -43,9 +43,7 @@ class LSTMConfig:
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.subsampling not in SUBSAMPLING_FACTORS:
-            out.append(
-                f"subsampling must be one of {', '.join(SUBSAMPLING_FACTORS)} (got {self.subsampling!r})"
-            )
+            out.append(f"subsampling must be one of {', '.join(SUBSAMPLING_FACTORS)} (got {self.subsampling!r})")
         return out
 
 
@@ -93,9 +91,7 @@ class LSTMCTC(nn.Module):
         x = F.pad(x, (0, 0, 0, self.stack - 1))[:, : frames * self.stack]
         x = x.reshape(b, frames, self.stack * f)
         x = self.input_dropout(x)
-        packed = pack_padded_sequence(
-            x, out_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
+        packed = pack_padded_sequence(x, out_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         x, _ = pad_packed_sequence(out, batch_first=True, total_length=frames)
         x = self.output_dropout(x)

@@ -148,9 +148,7 @@ def load_tensors_strict(adapter: ModelAdapter, tensors: Mapping[str, torch.Tenso
         raise DsnnError(f"the model metadata does not match its tensors: {exc}", _FIX_HINT) from exc
 
 
-def adapter_from_metadata(
-    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None
-) -> ModelAdapter:
+def adapter_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> ModelAdapter:
     """Rebuild an adapter from ``metadata()`` output and, if given, load ``tensors`` strictly."""
     if not isinstance(meta, Mapping) or not isinstance(meta.get("family"), str):
         raise DsnnError("model metadata has no 'family' entry", _FIX_HINT)
@@ -179,11 +177,13 @@ def save_checkpoint(
             raise ValueError(f"checkpoint metadata must map str to str (got {key!r}: {type(value).__name__})")
         metadata[key] = value
     tensors = {
-        name: tensor.detach().to("cpu").contiguous().clone()
-        for name, tensor in adapter.model.state_dict().items()
+        name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in adapter.model.state_dict().items()
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except OSError as exc:
+        raise DsnnError(f"cannot write checkpoint {path}: {exc}", "check the output path and free space") from exc
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -197,9 +197,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(file), framework="pt") as fh:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise DsnnError(
-            f"{file} is not a readable safetensors file: {exc}", "give a .safetensors checkpoint"
-        ) from exc
+        raise DsnnError(f"{file} is not a readable safetensors file: {exc}", "give a .safetensors checkpoint") from exc
 
 
 def load_checkpoint_adapter(path: str | os.PathLike) -> ModelAdapter:
