@@ -150,6 +150,82 @@ def export(
     err.print(f"wrote level {parse_level(level):g} of {bundle_path} to {output}")
 
 
+def _write_report_file(path: Path, text: str) -> None:
+    from .atomic import atomic_write_text
+
+    if str(path) == "-":
+        out.print(text, markup=False, highlight=False, end="")
+        return
+    atomic_write_text(path, text)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(metavar="BUNDLE_OR_CHECKPOINT", help="A DSNN bundle or dsnn checkpoint.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Manifest: NeMo .jsonl, Kaldi dir or audiofolder.")],
+    levels: Annotated[str, typer.Option("--levels", help="all, or a comma list such as 0,0.5,0.9.")] = "all",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here ('-' = stdout).")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown report here.")] = None,
+    max_wer: Annotated[list[str] | None, typer.Option("--max-wer", help="Gate LEVEL:PCT, e.g. 0.9:30 "
+                                                                         "(repeatable; LEVEL may be 'all').")] = None,
+    max_wer_increase: Annotated[list[str] | None, typer.Option(
+        "--max-wer-increase", help="Gate LEVEL:PCT: WER points above dense allowed (repeatable).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and list unusable utterances.")] = False,
+    normalizer: Annotated[str | None, typer.Option(help="Text normaliser (default: the model's).")] = None,
+    batch_frames: Annotated[int, typer.Option(help="Padded feature frames per batch.")] = 30_000,
+    details: Annotated[bool, typer.Option("--details", help="Put every hypothesis in the JSON report.")] = False,
+) -> None:
+    """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
+    from .evaluate import check_gates, gate_failure, parse_gate
+    from .evaluate import evaluate as run_evaluate
+    from .report import evaluation_markdown, evaluation_table, to_json
+
+    for spec in max_wer or []:
+        parse_gate(spec, "--max-wer")
+    for spec in max_wer_increase or []:
+        parse_gate(spec, "--max-wer-increase")
+    with progress() as bar:
+        task = bar.add_task("evaluating", total=None, info="")
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress)
+    report["gates"] = check_gates(report, max_wer or [], max_wer_increase or [])
+    if json_path is not None:
+        _write_report_file(json_path, to_json(report) + "\n")
+    if markdown_path is not None:
+        _write_report_file(markdown_path, evaluation_markdown(report))
+    if json_path is None or str(json_path) != "-":
+        out.print(evaluation_table(report))
+        if report["skipped"]:
+            err.print(f"skipped {len(report['skipped'])} utterance(s): "
+                      + ", ".join(s["id"] for s in report["skipped"][:10])
+                      + (" ..." if len(report["skipped"]) > 10 else ""))
+    failure = gate_failure(report["gates"])
+    if failure is not None:
+        raise failure
+
+
+@app.command()
+def transcribe(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A DSNN bundle or dsnn checkpoint.")],
+    audio: Annotated[list[Path], typer.Argument(metavar="AUDIO...", help="Audio files (WAV/FLAC/OGG).")],
+    level: Annotated[str, typer.Option("--level", help="Sparsity level to run at (0 = dense).")] = "0",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
+) -> None:
+    """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
+    from .report import to_json
+    from .transcribe import transcribe as run_transcribe
+
+    results = run_transcribe(model, audio, level)
+    if json_out:
+        out.print(to_json(results), markup=False, highlight=False)
+        return
+    for item in results:
+        print(f"{item['file']}\t{item['text']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn errors into one stderr line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

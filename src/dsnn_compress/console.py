@@ -6,6 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 out = Console(soft_wrap=False)
+if not out.is_terminal:
+    out.width = max(out.width, 140)
 """Results (tables) go to stdout."""
 err = Console(stderr=True)
 """Progress and notes go to stderr, so stdout stays clean for ``--json``."""

@@ -115,3 +115,56 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
 def to_json(data: Any) -> str:
     """Stable, indented JSON."""
     return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def _level_name(level: float) -> str:
+    return "dense" if level == 0 else f"{level:g}"
+
+
+def evaluation_table(report: dict[str, Any]) -> Table:
+    """WER/CER per level with S/D/I, nonzero parameters and RTFx."""
+    model = report["model"]
+    table = Table(title=f"{model['path']} on {report['data']['path']} (normaliser: {report['normalizer']})",
+                  title_justify="left")
+    for column in ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for entry in report["levels"]:
+        words = entry["words"]
+        table.add_row(
+            _level_name(entry["level"]), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
+            str(words["substitutions"]),
+            str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
+            f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
+            str(entry["utterances_skipped"]),
+        )
+    return table
+
+
+def evaluation_markdown(report: dict[str, Any]) -> str:
+    """The evaluation report as a Markdown section (for CI summaries)."""
+    lines = [
+        f"### WER per sparsity level: `{report['model']['path']}`",
+        "",
+        f"Data: `{report['data']['path']}`; normaliser: `{report['normalizer']}`; decoding: {report['decoding']}; "
+        f"threads: {report['threads']}.",
+        "",
+        "| level | WER % | CER % | sub | del | ins | nonzero params | RTFx | scored | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report["levels"]:
+        w = e["words"]
+        rtfx = f"{e['rtfx']:.1f}" if e["rtfx"] else "-"
+        lines.append(
+            f"| {_level_name(e['level'])} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
+            f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
+            f"{e['utterances_skipped']} |"
+        )
+    if report.get("skipped"):
+        lines += ["", f"Skipped {len(report['skipped'])} utterance(s):", ""]
+        lines += [f"- `{s['id']}`: {s['reason']}" for s in report["skipped"]]
+    if report.get("gates"):
+        lines += ["", "| gate | level | value % | limit % | result |", "|---|---|---:|---:|---|"]
+        for g in report["gates"]:
+            lines.append(f"| {g['gate']} | {_level_name(g['level'])} | {g['value']:.2f} | {g['limit']:g} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,242 @@
+"""`dsnn evaluate`: WER / CER / RTFx per sparsity level on a manifest, with CI gates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bundle import parse_level
+from .data.audio import load_audio
+from .data.batch import pad_batch
+from .data.dataset import bucket_batches
+from .data.manifest import Utterance, read_manifest
+from .data.text import normalize_text
+from .errors import DsnnError, GateError, UsageError
+from .loading import LoadedModel, load_model
+from .scoring import char_errors, word_errors
+
+REPORT_SCHEMA = "dsnn-evaluate/1"
+DEFAULT_BATCH_FRAMES = 30_000
+
+
+@dataclass
+class PreparedData:
+    """Audio loaded once for all levels, with normalised references and the skipped utterances."""
+
+    ids: list[str]
+    waveforms: list[np.ndarray]
+    references: list[str]
+    seconds: list[float]
+    skipped: list[dict[str, str]]
+
+
+def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> list[float]:
+    """Levels to evaluate: ``all`` or a comma list, each present in the model."""
+    if isinstance(spec, str):
+        if spec.strip().lower() == "all":
+            return list(loaded.levels)
+        wanted = [parse_level(p) for p in spec.split(",") if p.strip()]
+    else:
+        wanted = [parse_level(v) for v in spec]
+    if not wanted:
+        raise UsageError("no level given", "use --levels all or e.g. --levels 0,0.5,0.9")
+    chosen = []
+    for value in wanted:
+        match = next((lv for lv in loaded.levels if abs(lv - value) <= 1e-6), None)
+        if match is None:
+            available = ", ".join(f"{v:g}" for v in loaded.levels)
+            raise UsageError(f"level {value:g} is not in {loaded.path.name}", f"choose from {available}")
+        if match not in chosen:
+            chosen.append(match)
+    return chosen
+
+
+def prepare_data(
+    loaded: LoadedModel,
+    utterances: Sequence[Utterance],
+    normalizer: str,
+    skip_bad: bool,
+    on_item: Callable[[], None] | None = None,
+) -> PreparedData:
+    """Load and resample every utterance's audio, normalise and check references (once for all levels)."""
+    adapter = loaded.adapter
+    data = PreparedData([], [], [], [], [])
+    for utt in utterances:
+        try:
+            wave = load_audio(utt.audio_path, adapter.sample_rate, utt.offset, utt.duration)
+            reference = normalize_text(utt.text, normalizer)
+            adapter.encode_text(reference)
+        except DsnnError as exc:
+            if not skip_bad:
+                where = f" (utterance {utt.id} at {utt.source})" if utt.source else f" (utterance {utt.id})"
+                raise DsnnError(exc.message + where, exc.hint or "fix the data or pass --skip-bad") from exc
+            data.skipped.append({"id": utt.id, "reason": exc.one_line()})
+        else:
+            data.ids.append(utt.id)
+            data.waveforms.append(wave)
+            data.references.append(reference)
+            data.seconds.append(len(wave) / adapter.sample_rate)
+        if on_item:
+            on_item()
+    return data
+
+
+def transcribe_waveforms(loaded: LoadedModel, waves: Sequence[np.ndarray], ids: Sequence[str]) -> list[str]:
+    """Greedy transcripts of already loaded waveforms at the model's active level (one padded batch)."""
+    adapter = loaded.adapter
+    inputs = [adapter.prepare(w) for w in waves]
+    batch = pad_batch(inputs, [[] for _ in waves], ["" for _ in waves], list(ids))
+    with torch.inference_mode():
+        return adapter.decode(batch)
+
+
+def evaluate(
+    model_path: str | Path,
+    data_path: str | Path,
+    levels: str | Sequence[float] = "all",
+    batch_frames: int = DEFAULT_BATCH_FRAMES,
+    skip_bad: bool = False,
+    normalizer: str | None = None,
+    details: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
+
+    RTFx follows the Open ASR Leaderboard: audio seconds / processing seconds, where processing covers feature
+    extraction, the forward pass and decoding (audio is read from disk once beforehand), after one untimed
+    warm-up batch.
+    """
+    if batch_frames <= 0:
+        raise UsageError("--batch-frames must be positive")
+    loaded = load_model(model_path)
+    chosen = select_levels(loaded, levels)
+    norm = normalizer or getattr(loaded.adapter, "normalizer", "default")
+    normalize_text("", norm)  # validates the name
+    utterances = read_manifest(data_path)
+    done = 0
+
+    def tick_load() -> None:
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress("loading audio", done, len(utterances))
+
+    data = prepare_data(loaded, utterances, norm, skip_bad, tick_load)
+    if not data.ids:
+        raise DsnnError(f"no utterance of {data_path} could be used ({len(data.skipped)} skipped)",
+                        "check the audio files and transcripts")
+    batches = bucket_batches(data.seconds, batch_frames, shuffle=False, seed=0)
+    first = batches[0]
+    loaded.set_level(chosen[0])
+    transcribe_waveforms(loaded, [data.waveforms[i] for i in first], [data.ids[i] for i in first])  # warm-up
+    total_steps = len(chosen) * len(batches)
+    step = 0
+    results = []
+    hypotheses: dict[float, list[str]] = {}
+    for level in chosen:
+        loaded.set_level(level)
+        hyps = [""] * len(data.ids)
+        elapsed = 0.0
+        for batch in batches:
+            start = time.perf_counter()
+            texts = transcribe_waveforms(loaded, [data.waveforms[i] for i in batch], [data.ids[i] for i in batch])
+            elapsed += time.perf_counter() - start
+            for i, text in zip(batch, texts, strict=True):
+                hyps[i] = text
+            step += 1
+            if on_progress:
+                on_progress(f"level {level:g}", step, total_steps)
+        words = word_errors(data.references, hyps)
+        chars = char_errors(data.references, hyps)
+        audio_seconds = float(sum(data.seconds))
+        results.append({
+            "level": level,
+            "wer": words.rate,
+            "cer": chars.rate,
+            "words": words.to_dict(),
+            "chars": chars.to_dict(),
+            "nonzero_params": loaded.nonzero_params(),
+            "audio_seconds": round(audio_seconds, 3),
+            "processing_seconds": round(elapsed, 4),
+            "rtfx": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
+            "utterances_scored": len(data.ids),
+            "utterances_skipped": len(data.skipped),
+        })
+        hypotheses[level] = hyps
+    loaded.set_level(0.0)
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "tool": {"name": "dsnn-compress", "version": __version__},
+        "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family},
+        "data": {"path": str(data_path), "utterances": len(utterances)},
+        "normalizer": norm,
+        "decoding": "greedy-ctc",
+        "threads": torch.get_num_threads(),
+        "levels": results,
+        "skipped": data.skipped,
+    }
+    if details:
+        report["utterances"] = [
+            {"id": uid, "reference": ref, "hypotheses": {f"{lv:g}": hypotheses[lv][i] for lv in chosen}}
+            for i, (uid, ref) in enumerate(zip(data.ids, data.references, strict=True))
+        ]
+    return report
+
+
+def parse_gate(spec: str, option: str) -> tuple[float | None, float]:
+    """``LEVEL:PCT`` -> (level or None for all levels, limit in percent)."""
+    level_text, sep, pct_text = spec.partition(":")
+    if not sep:
+        raise UsageError(f"{option} {spec!r} is not LEVEL:PCT", f"e.g. {option} 0.9:25")
+    try:
+        limit = float(pct_text.rstrip("%"))
+    except ValueError:
+        raise UsageError(f"{option} {spec!r}: {pct_text!r} is not a number", f"e.g. {option} 0.9:25") from None
+    level = None if level_text.strip().lower() in ("all", "*") else parse_level(level_text)
+    return level, limit
+
+
+def check_gates(report: dict[str, Any], max_wer: Sequence[str] = (), max_increase: Sequence[str] = ()) -> list[dict]:
+    """Evaluate the gates against ``report``; returns one record per checked (gate, level), failures marked.
+
+    ``--max-wer LEVEL:PCT``: WER at LEVEL must be at most PCT percent. ``--max-wer-increase LEVEL:PCT``: WER at
+    LEVEL minus WER of the dense level must be at most PCT percentage points. ``all`` (or ``*``) as LEVEL checks
+    every evaluated level.
+    """
+    by_level = {entry["level"]: entry for entry in report["levels"]}
+    checks = []
+    for kind, specs in (("max-wer", max_wer), ("max-wer-increase", max_increase)):
+        for spec in specs:
+            level, limit = parse_gate(spec, f"--{kind}")
+            targets = list(by_level) if level is None else [lv for lv in by_level if abs(lv - level) <= 1e-6]
+            if level is not None and not targets:
+                raise UsageError(f"--{kind} names level {level:g}, which was not evaluated",
+                                 "add it to --levels or fix the gate")
+            for lv in targets:
+                value = 100 * by_level[lv]["wer"]
+                if kind == "max-wer-increase":
+                    if 0.0 not in by_level:
+                        raise UsageError("--max-wer-increase needs the dense level 0 among --levels")
+                    value -= 100 * by_level[0.0]["wer"]
+                checks.append({"gate": kind, "level": lv, "value": round(value, 4), "limit": limit,
+                               "passed": value <= limit + 1e-9})
+    return checks
+
+
+def gate_failure(checks: Sequence[dict]) -> GateError | None:
+    """A GateError describing every failed check, or None when all passed."""
+    failed = [c for c in checks if not c["passed"]]
+    if not failed:
+        return None
+    parts = []
+    for c in failed:
+        what = "WER" if c["gate"] == "max-wer" else "WER increase over dense"
+        parts.append(f"{what} at level {c['level']:g} is {c['value']:.2f} %, above the limit {c['limit']:g} %")
+    return GateError("quality gate failed: " + "; ".join(parts), None)

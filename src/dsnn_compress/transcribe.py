@@ -1,0 +1,24 @@
+"""`dsnn transcribe`: one transcript per audio file at a chosen level."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .data.audio import load_audio
+from .evaluate import transcribe_waveforms
+from .loading import load_model
+
+
+def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float | str = 0.0) -> list[dict[str, Any]]:
+    """Greedy transcripts of ``audio`` files with the model at ``level``; ``[{"file", "level", "text"}]``."""
+    loaded = load_model(model_path)
+    loaded.set_level(level)
+    active = loaded.sparsity.level if loaded.sparsity else 0.0
+    waves = [load_audio(path, loaded.adapter.sample_rate) for path in audio]
+    results = []
+    for path, wave in zip(audio, waves, strict=True):
+        text = transcribe_waveforms(loaded, [wave], [str(path)])[0]
+        results.append({"file": str(path), "level": active, "text": text})
+    return results
