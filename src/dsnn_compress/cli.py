@@ -48,8 +48,12 @@ def _root(
     """Dynamic Sparsity Neural Networks for ASR."""
 
 
+_ARGS: list[str] | None = None
+"""The arguments :func:`main` is running (``sys.argv`` is not them when ``main(argv)`` is called in-process)."""
+
+
 def _command_line() -> list[str]:
-    return ["dsnn", *[a for a in sys.argv[1:] if a != "--debug"]]
+    return ["dsnn", *[a for a in (sys.argv[1:] if _ARGS is None else _ARGS) if a != "--debug"]]
 
 
 def _split_patterns(values: list[str] | None) -> list[str]:
@@ -154,7 +158,10 @@ def _write_report_file(path: Path, text: str) -> None:
     from .atomic import atomic_write_text
 
     if str(path) == "-":
-        out.print(text, markup=False, highlight=False, end="")
+        # not through rich: it would wrap long lines at the console width and replace :emoji: codes,
+        # which corrupts the JSON
+        sys.stdout.write(text)
+        sys.stdout.flush()
         return
     atomic_write_text(path, text)
 
@@ -220,10 +227,68 @@ def transcribe(
 
     results = run_transcribe(model, audio, level)
     if json_out:
-        out.print(to_json(results), markup=False, highlight=False)
+        print(to_json(results))  # plain print: rich would wrap long lines inside JSON strings
         return
     for item in results:
         print(f"{item['file']}\t{item['text']}")
+
+
+@app.command()
+def finetune(
+    model: Annotated[Path | None, typer.Argument(metavar="[BUNDLE]", help="Bundle or dsnn checkpoint to start "
+                                                                          "from (overrides model.init).")] = None,
+    recipe_path: Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Training manifest (data.train).")] = None,
+    dev: Annotated[Path | None, typer.Option("--dev", help="Dev manifest (data.dev).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output bundle (output).")] = None,
+    levels: Annotated[str | None, typer.Option("--levels", help="Sparse levels, e.g. 0.5,0.7,0.9.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="training.steps")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="optimizer.lr")] = None,
+    sampling: Annotated[str | None, typer.Option("--sampling", help="all or sandwich.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="training.seed")] = None,
+    keep: Annotated[str | None, typer.Option("--keep", help="last or best (best on dev).")] = None,
+    set_values: Annotated[list[str] | None, typer.Option("--set", help="Override any recipe key: "
+                                                                       "--set training.grad_clip=1.0")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the training state.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite output / discard a training state.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
+    from .masks import parse_levels
+    from .recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
+    from .report import to_json
+    from .train import finetune as run_finetune
+    from .train_display import TrainingDisplay
+
+    overrides: dict[str, object] = {}
+    for item in set_values or []:
+        key, value = parse_set_option(item)
+        overrides[key] = value
+    for key, value in (("model.init", model), ("data.train", data), ("data.dev", dev), ("output", output),
+                       ("training.steps", steps), ("optimizer.lr", lr), ("sampling.mode", sampling),
+                       ("training.seed", seed), ("training.keep", keep)):
+        if value is not None:
+            overrides[key] = str(value.absolute()) if isinstance(value, Path) else value
+    if levels is not None:
+        overrides["levels"] = list(parse_levels(levels))
+    if steps is not None:
+        overrides["training.epochs"] = None
+    if recipe_path is not None:
+        recipe = apply_overrides(load_recipe(recipe_path), overrides)
+    else:
+        if data is None:
+            raise typer.BadParameter("give --recipe R.yaml or --data TRAIN_MANIFEST", param_hint="--data")
+        recipe = apply_overrides(recipe_from_dict({"data": {"train": str(data.absolute())}}, base_dir=Path.cwd()),
+                                 overrides)
+    with TrainingDisplay(json_mode=json_out) as display:
+        result = run_finetune(recipe, resume=resume, force=force, report=display.report)
+    summary = {"output": str(result.output), "steps": result.steps, "levels": list(result.levels),
+               "final_loss": result.final_losses, "dev_wer": result.dev_wer, "seconds": round(result.seconds, 2),
+               "forward_passes": result.forward_passes, "log": str(result.log)}
+    if json_out:
+        out.print(to_json(summary), markup=False, highlight=False)
+    else:
+        out.print(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s (log: {result.log})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DSNN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    global _ARGS
+    _ARGS = args
     command = typer.main.get_command(app)
     try:
         command.main(args=args, prog_name="dsnn", standalone_mode=False)

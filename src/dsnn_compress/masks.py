@@ -166,7 +166,22 @@ def compute_codes(
     level across all tensors, pruning ``round(s * total)`` weights overall. Tensors are processed in sorted-name
     order, which fixes tie-breaking across tensors. ``on_progress(done, total)`` reports progress in weights.
     """
-    levels = validate_levels(list(levels))
+    return codes_at_sparsities(tensors, validate_levels(list(levels)), allocation, on_progress)
+
+
+def codes_at_sparsities(
+    tensors: Mapping[str, torch.Tensor],
+    sparsities: Sequence[float],
+    allocation: str = "per-layer",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Like :func:`compute_codes` but for intermediate sparsities of a gradual schedule.
+
+    ``sparsities`` may start at 0 and repeat values (non-decreasing, each in [0, 1)); code ``k`` still means "alive
+    at level k", so nesting holds after every recompute.
+    """
+    if any(not 0.0 <= s < 1.0 for s in sparsities) or any(b < a for a, b in zip(sparsities, sparsities[1:])):
+        raise UsageError(f"scheduled sparsities {list(sparsities)} must be non-decreasing values in [0, 1)")
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation {allocation!r}", f"choose one of {', '.join(ALLOCATIONS)}")
     names = sorted(tensors)
@@ -179,7 +194,7 @@ def compute_codes(
         for name in names:
             bits = _magnitude_bits(tensors[name], name)
             code = torch.zeros(bits.numel(), dtype=torch.uint8)
-            for selection in _select([bits], [pruned_count(s, bits.numel()) for s in levels]):
+            for selection in _select([bits], [pruned_count(s, bits.numel()) for s in sparsities]):
                 _apply_selection([code], [bits], selection)
             codes[name] = code.reshape(tensors[name].shape)
             del bits
@@ -189,10 +204,10 @@ def compute_codes(
         return codes
     bits_list = [_magnitude_bits(tensors[name], name) for name in names]
     flat_codes = [torch.zeros(b.numel(), dtype=torch.uint8) for b in bits_list]
-    for k, selection in enumerate(_select(bits_list, [pruned_count(s, total) for s in levels]), 1):
+    for k, selection in enumerate(_select(bits_list, [pruned_count(s, total) for s in sparsities]), 1):
         _apply_selection(flat_codes, bits_list, selection)
         if on_progress:
-            on_progress(total * k // len(levels), total)
+            on_progress(total * k // len(sparsities), total)
     for name, code in zip(names, flat_codes):
         codes[name] = code.reshape(tensors[name].shape)
     return codes

@@ -37,6 +37,10 @@ class ModelAdapter(Protocol):
         """Mean CTC loss of the batch (scalar)."""
         ...
 
+    def loss_and_log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean CTC loss plus the log-probabilities and output lengths it was computed from (one forward pass)."""
+        ...
+
     def decode(self, batch: Batch) -> list[str]:
         """Greedy CTC transcripts, one per utterance."""
         ...

@@ -66,11 +66,15 @@ class BuiltinAdapter:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean CTC loss (blank 0, ``zero_infinity``) of the batch."""
+        return self.loss_and_log_probs(batch)[0]
+
+    def loss_and_log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean CTC loss with the log-probabilities ``[B, T', V]`` and output lengths it came from."""
         log_probs, out_lengths = self.log_probs(batch)
         device = log_probs.device
         targets = batch.targets.to(device)
         targets = targets.masked_fill(targets < 0, BLANK_ID)
-        return F.ctc_loss(
+        loss = F.ctc_loss(
             log_probs.transpose(0, 1).float(),
             targets,
             out_lengths,
@@ -79,6 +83,7 @@ class BuiltinAdapter:
             reduction="mean",
             zero_infinity=True,
         )
+        return loss, log_probs, out_lengths
 
     def decode(self, batch: Batch) -> list[str]:
         """Greedy CTC transcripts, one per utterance."""

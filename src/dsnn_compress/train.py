@@ -1,0 +1,652 @@
+"""Joint multi-level (DSNN) fine-tuning, dense training from scratch, checkpoints/resume and DDP.
+
+One optimizer step runs the batch at several levels on the *shared* weights: for level ``k`` the forward uses
+``weight * (code >= k)`` (``torch.func.functional_call`` over :func:`~dsnn_compress.sparsity.masked_parameters`), so
+a pruned weight gets gradient only from the levels where it is alive. The weighted per-level losses are summed
+(one backward per level, so only one graph is alive at a time). Optional in-place distillation adds
+``weight * T^2 * KL(dense || level)`` on frame posteriors, the dense output detached. Optional gradual pruning
+recomputes the codes from current magnitudes on a cubic schedule; nesting holds by the code encoding.
+
+Everything random is derived from ``(seed, step)`` or saved in the training state, so ``--resume`` after a crash
+reproduces the uninterrupted run. Under ``torchrun`` every rank takes its share of each global batch, gradients
+are all-reduced (averaged), codes are broadcast from rank 0, and only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .atomic import atomic_path
+from .bundle import Bundle, load_bundle, save_bundle
+from .data.batch import Batch
+from .data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
+from .data.features import spec_augment
+from .data.manifest import read_manifest
+from .data.text import CharTokenizer, normalize_text
+from .errors import DsnnError, UsageError
+from .evaluate import prepare_data
+from .loading import read_safetensors_metadata
+from .masks import codes_at_sparsities, compute_codes
+from .models.base import ModelAdapter
+from .recipe import Recipe
+from .schedule import lr_at, scheduled_levels, should_update_codes
+from .scoring import word_errors
+from .selection import select_prunable
+from .sparsity import masked_parameters
+
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    """Rank layout of this process (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that writes files and prints."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _broadcast_tensors(tensors: Sequence[torch.Tensor], dist_info: DistInfo) -> None:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
+def _average_gradients(params: Sequence[nn.Parameter], dist_info: DistInfo) -> None:
+    if dist_info.world <= 1:
+        return
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= dist_info.world
+
+
+def _barrier(dist_info: DistInfo) -> None:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- model setup
+
+
+@dataclass
+class ModelSetup:
+    """The live model, its keep codes and where they came from."""
+
+    adapter: ModelAdapter
+    codes: dict[str, torch.Tensor]
+    levels: tuple[float, ...]
+    source: dict[str, Any]
+    base_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available", "use training.device: cpu")
+    return device
+
+
+def build_model(recipe: Recipe) -> ModelSetup:
+    """Create or load the model named by the recipe and its initial codes."""
+    from .checkpoint import sha256_file
+    from .models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
+
+    init = recipe.model.init
+    levels: tuple[float, ...] = tuple(recipe.levels or ())
+    if init is None:
+        texts = [normalize_text(u.text, recipe.model.normalizer) for u in read_manifest(recipe.data.train)]
+        vocabulary = CharTokenizer.build(texts).vocabulary
+        torch.manual_seed(recipe.training.seed)
+        adapter = new_adapter(recipe.model.family, vocabulary, recipe.model.size, dict(recipe.model.config),
+                              normalizer=recipe.model.normalizer)
+        source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
+        codes = _initial_codes(adapter, levels, recipe) if levels else {}
+        return ModelSetup(adapter, codes, levels, source)
+    if not Path(init).is_file():
+        raise DsnnError(f"model.init {init} does not exist", "point it at a bundle or a dsnn checkpoint")
+    metadata = read_safetensors_metadata(Path(init))
+    source = {"file": Path(init).name, "sha256": sha256_file(Path(init)), "kind": metadata.get("format")}
+    if metadata.get("format") == "dsnn-bundle":
+        bundle = load_bundle(init)
+        meta = bundle.metadata.get("model")
+        if not isinstance(meta, dict):
+            raise DsnnError(f"bundle {init} carries no model description, so it cannot be fine-tuned",
+                            "prune a self-describing dsnn checkpoint")
+        if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
+            raise UsageError(
+                f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
+                "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
+            )
+        adapter = adapter_from_metadata(meta, bundle.tensors)
+        base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
+        setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, source, base)
+        if recipe.schedule.enabled:
+            setup.codes = _codes_now(adapter, setup.codes, setup.levels, recipe, 0)
+        return setup
+    adapter = load_checkpoint_adapter(init)
+    codes = _initial_codes(adapter, levels, recipe) if levels else {}
+    return ModelSetup(adapter, codes, levels, source)
+
+
+def _initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:
+    params = dict(adapter.model.named_parameters())
+    names = select_prunable(params, recipe.include, recipe.exclude,
+                            None if recipe.include else adapter.default_prunable())
+    tensors = {n: params[n].detach() for n in names}
+    if recipe.schedule.enabled:
+        return codes_at_sparsities(tensors, scheduled_levels(levels, 0, recipe.schedule), recipe.allocation)
+    return compute_codes(tensors, levels, recipe.allocation)
+
+
+def _codes_now(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Sequence[float], recipe: Recipe,
+               step: int) -> dict[str, torch.Tensor]:
+    params = dict(adapter.model.named_parameters())
+    tensors = {n: params[n].detach().cpu() for n in codes}
+    fresh = codes_at_sparsities(tensors, scheduled_levels(levels, step, recipe.schedule), recipe.allocation)
+    device = next(iter(params.values())).device
+    return {n: c.to(device) for n, c in fresh.items()}
+
+
+# ----------------------------------------------------------------------------------------------- level sampling
+
+
+def sample_levels(num_levels: int, mode: str, random_levels: int, seed: int, step: int) -> list[int]:
+    """Level indices (0 = dense) trained at ``step``.
+
+    ``all``: every level. ``sandwich``: the densest (0) and the sparsest (L) plus ``random_levels`` distinct
+    middle levels drawn with ``random.Random(seed, step)``, so the choice is reproducible and resume-safe.
+    """
+    if num_levels == 0:
+        return [0]
+    if mode == "all":
+        return list(range(num_levels + 1))
+    if mode != "sandwich":
+        raise UsageError(f"unknown sampling mode {mode!r}", "use all or sandwich")
+    middle = list(range(1, num_levels))
+    rng = random.Random(seed * 1_000_003 + step)
+    picked = rng.sample(middle, min(random_levels, len(middle)))
+    return sorted({0, num_levels, *picked})
+
+
+# ----------------------------------------------------------------------------------------------- one step
+
+
+class _Runner(nn.Module):
+    """Lets ``functional_call`` swap the adapter's parameters while the adapter's own methods run."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.model = adapter.model
+        object.__setattr__(self, "_adapter", adapter)
+
+    def forward(self, batch: Batch, mode: str) -> Any:
+        if mode == "loss":
+            return self._adapter.loss_and_log_probs(batch)
+        return self._adapter.decode(batch)
+
+
+def run_at_level(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], index: int,
+                 batch: Batch, mode: str) -> Any:
+    """Run the adapter (``loss`` or ``decode``) with the weights masked to level ``index``."""
+    if index == 0 or not codes:
+        return runner(batch, mode)
+    masked = {f"model.{n}": t for n, t in masked_parameters(params, codes, index).items()}
+    return functional_call(runner, masked, (batch, mode), strict=False)
+
+
+def distillation_loss(teacher: torch.Tensor, student: torch.Tensor, lengths: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of frame posteriors, averaged over valid frames."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    per_frame = (t.exp() * (t - s)).sum(-1)
+    valid = torch.arange(per_frame.shape[1], device=per_frame.device)[None, :] < lengths[:, None]
+    return temperature**2 * (per_frame * valid).sum() / valid.sum().clamp(min=1)
+
+
+def train_step(
+    runner: _Runner,
+    params: dict[str, torch.Tensor],
+    codes: dict[str, torch.Tensor],
+    batch: Batch,
+    level_indices: Sequence[int],
+    weights: Sequence[float],
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> dict[int, float]:
+    """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses."""
+    losses: dict[int, float] = {}
+    teacher = None
+    if distill_weight > 0 and 0 not in level_indices:
+        with torch.no_grad():
+            teacher = run_at_level(runner, params, codes, 0, batch, "loss")[1].detach()
+    for index in sorted(level_indices):
+        loss, log_probs, lengths = run_at_level(runner, params, codes, index, batch, "loss")
+        total = loss
+        if distill_weight > 0:
+            if index == 0:
+                teacher = log_probs.detach()
+            else:
+                total = total + distill_weight * distillation_loss(teacher, log_probs, lengths, temperature)
+        if weights[index] > 0:
+            (weights[index] * total).backward()
+        losses[index] = float(total.detach())
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _epoch_batches(lengths: Sequence[float], recipe: Recipe, epoch: int, dist_info: DistInfo) -> list[list[int]]:
+    """This rank's batches of ``epoch`` (each global batch split across ranks; too-small batches dropped)."""
+    batches = bucket_batches(lengths, recipe.data.batch_frames, shuffle=True, seed=recipe.training.seed + epoch,
+                             max_batch_size=recipe.data.max_batch_size)
+    if dist_info.world == 1:
+        return batches
+    return [b[dist_info.rank::dist_info.world] for b in batches if len(b) >= dist_info.world]
+
+
+def _loader(dataset: SpeechDataset, batches: list[list[int]], workers: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      generator=generator, persistent_workers=False)
+
+
+def _augment(batch: Batch, seed: int, step: int) -> Batch:
+    """SpecAugment each utterance with a generator derived from (seed, step, position): resume-safe."""
+    inputs = batch.inputs.clone()
+    for i in range(len(batch)):
+        length = int(batch.input_lengths[i])
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + i)
+        inputs[i, :length] = spec_augment(batch.inputs[i, :length], gen)
+    batch.inputs = inputs
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def dev_wer(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], num_levels: int,
+            dev: Any, batch_size: int = 16) -> list[float]:
+    """Greedy WER per level on prepared dev data (model in eval mode for the duration)."""
+    from .data.batch import pad_batch
+
+    adapter = runner._adapter
+    was_training = adapter.model.training
+    adapter.model.eval()
+    wers = []
+    with torch.no_grad():
+        for index in range(num_levels + 1):
+            hyps: list[str] = []
+            for start in range(0, len(dev.ids), batch_size):
+                waves = dev.waveforms[start:start + batch_size]
+                batch = pad_batch([adapter.prepare(w) for w in waves], [[] for _ in waves], ["" for _ in waves],
+                                  dev.ids[start:start + batch_size])
+                hyps.extend(run_at_level(runner, params, codes, index, batch, "decode"))
+            wers.append(word_errors(dev.references, hyps).rate)
+    adapter.model.train(was_training)
+    return wers
+
+
+# ----------------------------------------------------------------------------------------------- state files
+
+
+def state_path(output: Path) -> Path:
+    """Where the resumable training state of ``output`` lives."""
+    return output.with_name(output.name + ".train-state.pt")
+
+
+def log_path(output: Path) -> Path:
+    """The JSONL metrics log next to ``output``."""
+    return output.with_name(output.stem + ".log.jsonl")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
+        raise DsnnError(f"training state {path} is unreadable ({type(exc).__name__})",
+                        "delete it and start over, or restore it from a backup") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise DsnnError(f"training state {path} has an unknown layout", "delete it and start over")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FinetuneResult:
+    """What a training run produced."""
+
+    output: Path
+    steps: int
+    levels: tuple[float, ...]
+    final_losses: dict[str, float]
+    dev_wer: list[float] | None
+    seconds: float
+    forward_passes: int
+    log: Path
+
+
+Reporter = Callable[[str, dict[str, Any]], None]
+
+
+def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: Reporter | None = None,
+             stop_after: int | None = None) -> FinetuneResult:
+    """Run the recipe: joint multi-level training (or dense training when there are no levels).
+
+    ``report(event, data)`` receives ``start``, ``step``, ``eval``, ``checkpoint`` and ``end`` events (rank 0 only).
+    ``stop_after`` ends the process's loop early after that many total steps without writing the final output
+    (used to simulate a crash in tests; the periodic checkpoint stays).
+    """
+    started = time.perf_counter()
+    cfg = recipe.training
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    output = Path(recipe.output)
+    state_file, log_file = state_path(output), log_path(output)
+    if dist_info.main:
+        _check_outputs(output, state_file, resume, force)
+    emit = report if (report is not None and dist_info.main) else (lambda _e, _d: None)
+
+    setup = build_model(recipe)
+    adapter, levels = setup.adapter, setup.levels
+    num_levels = len(levels)
+    weights = _loss_weights(recipe, num_levels)
+    model = adapter.model.to(device)
+    codes = {n: c.to(device) for n, c in setup.codes.items()}
+    params = dict(model.named_parameters())
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+    utterances = read_manifest(recipe.data.train)
+    lengths = utterance_lengths(utterances, skip_bad=recipe.data.skip_bad)
+    dataset = SpeechDataset(utterances, adapter.prepare, adapter.encode_text, adapter.sample_rate,
+                            normalizer=getattr(adapter, "normalizer", "default"), skip_bad=recipe.data.skip_bad)
+    per_epoch = len(_epoch_batches(lengths, recipe, 0, dist_info))
+    if per_epoch == 0:
+        raise DsnnError("the training data gives no batch", "use more data or a larger data.batch_frames")
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+    dev = None
+    if recipe.data.dev is not None:
+        dev_utts = read_manifest(recipe.data.dev)
+        if recipe.data.max_dev_utterances:
+            dev_utts = dev_utts[: recipe.data.max_dev_utterances]
+        from .loading import LoadedModel
+
+        dev = prepare_data(LoadedModel(adapter, Path(recipe.data.dev), "training"), dev_utts,
+                           getattr(adapter, "normalizer", "default"), skip_bad=True)
+
+    step, epoch, position = 0, 0, 0
+    best: dict[str, Any] | None = None
+    skipped_total = 0
+    if resume:
+        state = _load_state(state_file)
+        if state["recipe"] != json.dumps(recipe.to_dict(), sort_keys=True):
+            raise UsageError("the recipe differs from the one the training state was made with",
+                             "resume with the same recipe and options, or start over with --force")
+        model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
+        codes = {n: c.to(device) for n, c in state["codes"].items()}
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        best = state.get("best")
+        skipped_total = int(state.get("skipped", 0))
+    else:
+        torch.manual_seed(cfg.seed)
+    _broadcast_tensors([*params.values(), *codes.values()], dist_info)
+
+    runner = _Runner(adapter)
+    model.train()
+    log_handle = _open_log(log_file, resume) if dist_info.main else None
+    emit("start", {"steps": total_steps, "start_step": step, "levels": list(levels), "world": dist_info.world,
+                   "per_epoch": per_epoch, "params": sum(p.numel() for p in params.values()),
+                   "device": str(device), "log": str(log_file)})
+    forward_passes = 0
+    last_losses: dict[str, float] = {}
+    last_dev: list[float] | None = None
+    tick = time.perf_counter()
+    steps_in_window = 0
+    batches = _epoch_batches(lengths, recipe, epoch, dist_info)
+    iterator = iter(_loader(dataset, batches[position:], recipe.data.num_workers, cfg.seed + epoch))
+    limit = total_steps if stop_after is None else min(total_steps, stop_after)
+    while step < limit:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            epoch, position = epoch + 1, 0
+            batches = _epoch_batches(lengths, recipe, epoch, dist_info)
+            iterator = iter(_loader(dataset, batches, recipe.data.num_workers, cfg.seed + epoch))
+            continue
+        position += 1
+        skipped_total += len(batch.skipped)
+        if num_levels and should_update_codes(step, recipe.schedule):
+            if dist_info.main:
+                codes = _codes_now(adapter, codes, levels, recipe, step)
+            _broadcast_tensors(list(codes.values()), dist_info)
+        if len(batch) == 0:
+            continue
+        if recipe.data.spec_augment:
+            batch = _augment(batch, cfg.seed + dist_info.rank, step)
+        batch = batch.to(device)
+        lr = lr_at(step, opt.lr, recipe.lr_schedule, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = sample_levels(num_levels, recipe.sampling.mode, recipe.sampling.random_levels, cfg.seed, step)
+        optimizer.zero_grad(set_to_none=True)
+        distill = recipe.distillation.weight if recipe.distillation.enabled and num_levels else 0.0
+        losses = train_step(runner, params, codes, batch, indices, weights, distill,
+                            recipe.distillation.temperature)
+        forward_passes += len(indices) + (1 if distill and 0 not in indices else 0)
+        _average_gradients(list(params.values()), dist_info)
+        grad_norm = None
+        if cfg.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip))
+        optimizer.step()
+        step += 1
+        steps_in_window += 1
+        last_losses = {_level_key(levels, i): v for i, v in losses.items()}
+        if dist_info.main and (step % cfg.log_every == 0 or step == total_steps):
+            now = time.perf_counter()
+            record = {"event": "step", "step": step, "epoch": epoch, "lr": lr, "loss": last_losses,
+                      "grad_norm": grad_norm, "steps_per_s": steps_in_window / max(now - tick, 1e-9),
+                      "skipped": skipped_total}
+            _log(log_handle, record)
+            emit("step", record)
+            tick, steps_in_window = now, 0
+        elif dist_info.main:
+            emit("tick", {"step": step, "loss": last_losses, "lr": lr})
+        if dev is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+            if dist_info.main:
+                last_dev = dev_wer(runner, params, codes, num_levels, dev)
+                record = {"event": "eval", "step": step,
+                          "dev_wer": {_level_key(levels, i): w for i, w in enumerate(last_dev)}}
+                _log(log_handle, record)
+                emit("eval", record)
+                mean = sum(last_dev) / len(last_dev)
+                if cfg.keep == "best" and (best is None or mean < best["metric"]):
+                    best = {"metric": mean, "step": step,
+                            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                            "codes": {n: c.cpu().clone() for n, c in codes.items()}}
+            _barrier(dist_info)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+            if dist_info.main:
+                _save_state(state_file, _state_dict(recipe, model, codes, optimizer, device, step, epoch,
+                                                    position, best, skipped_total))
+                _write_output(recipe, setup, model, codes, output, step, last_losses, last_dev, dist_info)
+                emit("checkpoint", {"step": step, "path": str(state_file)})
+                _log(log_handle, {"event": "checkpoint", "step": step})
+            _barrier(dist_info)
+    if stop_after is not None and step < total_steps:
+        if log_handle:
+            log_handle.close()
+        return FinetuneResult(output, step, levels, last_losses, last_dev, time.perf_counter() - started,
+                              forward_passes, log_file)
+    if dist_info.main:
+        if cfg.keep == "best" and best is not None:
+            model.load_state_dict({k: v.to(device) for k, v in best["model"].items()})
+            codes = {n: c.to(device) for n, c in best["codes"].items()}
+        _write_output(recipe, setup, model, codes, output, step, last_losses, last_dev, dist_info,
+                      best_step=best["step"] if best else None)
+        if state_file.exists():
+            state_file.unlink()
+        _log(log_handle, {"event": "end", "step": step, "output": str(output)})
+        if log_handle:
+            log_handle.close()
+        emit("end", {"output": str(output), "steps": step, "dev_wer": last_dev})
+    _barrier(dist_info)
+    return FinetuneResult(output, step, levels, last_losses, last_dev, time.perf_counter() - started,
+                          forward_passes, log_file)
+
+
+def _level_key(levels: Sequence[float], index: int) -> str:
+    return "dense" if index == 0 else f"{levels[index - 1]:g}"
+
+
+def _loss_weights(recipe: Recipe, num_levels: int) -> list[float]:
+    weights = recipe.sampling.loss_weights
+    if weights is None:
+        return [1.0] * (num_levels + 1)
+    if len(weights) != num_levels + 1:
+        raise UsageError(f"sampling.loss_weights has {len(weights)} values but there are {num_levels + 1} levels "
+                         "(dense included)", "give one weight per level, dense first")
+    return [float(w) for w in weights]
+
+
+def _check_outputs(output: Path, state_file: Path, resume: bool, force: bool) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        raise DsnnError(f"output directory {parent} is not writable", "choose a writable location")
+    if resume:
+        if not state_file.is_file():
+            raise UsageError(f"no training state {state_file} to resume from",
+                             "start without --resume (checkpoints need training.checkpoint_every > 0)")
+        return
+    if state_file.exists() and not force:
+        raise UsageError(f"a training state {state_file} exists from an interrupted run",
+                         "pass --resume to continue it or --force to start over")
+    if output.exists() and not force:
+        raise UsageError(f"output {output} already exists", "pass --force to overwrite it or choose another path")
+
+
+def _open_log(path: Path, resume: bool):  # noqa: ANN202 - a text file handle
+    return open(path, "a" if resume else "w", encoding="utf-8")
+
+
+def _log(handle: Any, record: dict[str, Any]) -> None:
+    if handle is None:
+        return
+    handle.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
+    handle.flush()
+
+
+def _state_dict(recipe: Recipe, model: nn.Module, codes: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                device: torch.device, step: int, epoch: int, position: int, best: dict[str, Any] | None,
+                skipped: int) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "codes": {n: c.cpu() for n, c in codes.items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "step": step,
+        "epoch": epoch,
+        "position": position,
+        "best": best,
+        "skipped": skipped,
+    }
+
+
+def _write_output(recipe: Recipe, setup: ModelSetup, model: nn.Module, codes: dict[str, torch.Tensor],
+                  output: Path, step: int, losses: dict[str, float], dev: list[float] | None,
+                  dist_info: DistInfo, best_step: int | None = None) -> None:
+    """Write the bundle (or, with no sparse levels, a dense dsnn checkpoint) atomically."""
+    from .models.registry import save_checkpoint
+
+    training = {"steps": step, "final_loss": losses, "world_size": dist_info.world, "best_step": best_step,
+                "dev_wer": None if dev is None else {_level_key(setup.levels, i): w for i, w in enumerate(dev)}}
+    if not setup.levels:
+        extra = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                 "training": json.dumps(training, sort_keys=True),
+                 "tool": json.dumps({"name": "dsnn-compress", "version": __version__})}
+        save_checkpoint(setup.adapter, output, extra)
+        return
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    metadata = {
+        **setup.base_metadata,
+        "allocation": setup.base_metadata.get("allocation", recipe.allocation),
+        "selection": setup.base_metadata.get("selection", {"include": list(recipe.include),
+                                                           "exclude": list(recipe.exclude)}),
+        "source": setup.source,
+        "tool": {"name": "dsnn-compress", "version": __version__},
+        "command": ["dsnn", "finetune"],
+        "model": setup.adapter.metadata(),
+        "recipe": recipe.to_dict(),
+        "training": training,
+    }
+    save_bundle(Bundle(tensors=tensors, codes={n: c.cpu() for n, c in codes.items()}, levels=setup.levels,
+                       metadata=metadata), output)
