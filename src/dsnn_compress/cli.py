@@ -282,6 +282,8 @@ def finetune(
                                  overrides)
     with TrainingDisplay(json_mode=json_out) as display:
         result = run_finetune(recipe, resume=resume, force=force, report=display.report)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     summary = {"output": str(result.output), "steps": result.steps, "levels": list(result.levels),
                "final_loss": result.final_losses, "dev_wer": result.dev_wer, "seconds": round(result.seconds, 2),
                "forward_passes": result.forward_passes, "log": str(result.log)}
