@@ -134,24 +134,33 @@ def inspect(
 @app.command()
 def export(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A DSNN bundle.")],
-    level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")],
-    fmt: Annotated[str | None, typer.Option("--format", help="safetensors or torch (default: from the "
-                                                                 "extension).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense), or 'all'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (with --level all: the name "
+                                                                "pattern, e.g. model.onnx -> model-0.7.onnx).")],
+    fmt: Annotated[str | None, typer.Option("--format", help="safetensors | torch | checkpoint | onnx "
+                                                                 "(default: from the extension).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
-    """Write one level as a plain state dict (same keys and dtypes as the source, pruned weights zero)."""
+    """Write a level as a plain state dict, a self-describing checkpoint, or ONNX."""
     from .atomic import check_output_path
     from .bundle import load_bundle, parse_level
-    from .export import export_level, infer_format
+    from .export import export_levels, infer_format, level_output_path
 
-    parse_level(level)
+    every = level.strip().lower() == "all"
+    if not every:
+        parse_level(level)
     infer_format(output, fmt)
-    check_output_path(output, force)
     bundle = load_bundle(bundle_path)
-    bundle.level_index(level)
-    export_level(bundle, level, output, fmt)
-    err.print(f"wrote level {parse_level(level):g} of {bundle_path} to {output}")
+    targets = [level_output_path(output, lv) for lv in bundle.all_levels] if every else [output]
+    if not every:
+        bundle.level_index(level)
+    for target in targets:
+        check_output_path(target, force)
+    with progress() as bar:
+        bar.add_task("exporting", total=None, info=str(output))
+        written = export_levels(bundle, level, output, fmt)
+    for path in written:
+        err.print(f"wrote {path}", highlight=False)
 
 
 def _write_report_file(path: Path, text: str) -> None:

@@ -1,17 +1,25 @@
-"""`dsnn export`: one level of a bundle as a plain checkpoint the user's own code loads unchanged."""
+"""`dsnn export`: any level of a bundle as a plain state dict, a self-describing checkpoint or ONNX."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
+import warnings
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
 from .bundle import Bundle
-from .errors import UsageError
+from .errors import DsnnError, UsageError
 from .safetensors_io import write_safetensors
 
-FORMATS = ("safetensors", "torch")
+FORMATS = ("safetensors", "torch", "checkpoint", "onnx")
+"""``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn
+checkpoint (safetensors + model description) that ``evaluate``/``transcribe`` load. ``onnx``: the network at that
+level, inputs ``features [batch, time, mels]`` and ``lengths [batch]``, outputs ``log_probs`` and ``out_lengths``."""
 
 
 def infer_format(output: Path, requested: str | None) -> str:
@@ -22,22 +30,85 @@ def infer_format(output: Path, requested: str | None) -> str:
         return requested
     if output.suffix in (".pt", ".pth", ".bin"):
         return "torch"
+    if output.suffix == ".onnx":
+        return "onnx"
     return "safetensors"
 
 
+def level_output_path(output: Path, level: float) -> Path:
+    """Per-level file name used by ``--level all``: ``model.onnx`` -> ``model-0.7.onnx`` / ``model-dense.onnx``."""
+    tag = "dense" if level == 0 else f"{level:g}"
+    return output.with_name(f"{output.stem}-{tag}{output.suffix}")
+
+
+def _adapter_at(bundle: Bundle, level: float | str):  # noqa: ANN202 - a ModelAdapter
+    from .models.registry import adapter_from_metadata
+
+    meta = bundle.metadata.get("model")
+    if not isinstance(meta, dict):
+        raise DsnnError("this bundle carries no model description, so only plain state dicts can be exported",
+                        "use --format safetensors or torch")
+    adapter = adapter_from_metadata(meta, bundle.state_dict_at(level))
+    adapter.model.eval()
+    return adapter
+
+
+def export_onnx(model: torch.nn.Module, output: Path, n_mels: int, opset: int = 18) -> None:
+    """Export ``model(features, lengths)`` to ONNX with dynamic batch and time axes (atomic)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise DsnnError("ONNX export needs the onnx and onnxscript packages",
+                        'install them with: pip install "dsnn-compress[onnx]"') from None
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    features = torch.randn(2, 64, n_mels)
+    lengths = torch.tensor([64, 40])
+    batch, time = torch.export.Dim("batch", min=1), torch.export.Dim("time", min=1, max=1_000_000)
+    with atomic_path(output) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (features, lengths), str(tmp), dynamo=True, opset_version=opset,
+                              input_names=["features", "lengths"], output_names=["log_probs", "out_lengths"],
+                              dynamic_shapes={"features": {0: batch, 1: time}, "lengths": {0: batch}},
+                              external_data=False)
+        except Exception:  # noqa: BLE001 - models the graph exporter cannot trace (packed LSTMs) use TorchScript
+            torch.onnx.export(model, (features, lengths), str(tmp), dynamo=False, opset_version=17,
+                              input_names=["features", "lengths"], output_names=["log_probs", "out_lengths"],
+                              dynamic_axes={"features": {0: "batch", 1: "time"}, "lengths": {0: "batch"},
+                                            "log_probs": {0: "batch", 1: "frames"}, "out_lengths": {0: "batch"}})
+
+
 def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> Path:
-    """Write the state dict at ``level`` to ``output``: same keys and dtypes as the source, pruned weights zero."""
+    """Write ``level`` of ``bundle`` to ``output`` in ``fmt`` (default: from the extension)."""
     out = Path(output)
     fmt = infer_format(out, fmt)
-    index = bundle.level_index(level)
-    state = bundle.state_dict_at(bundle.all_levels[index])
+    value = bundle.all_levels[bundle.level_index(level)]
     if fmt == "safetensors":
-        metadata = {"format": "pt", "dsnn_level": f"{bundle.all_levels[index]:g}"}
+        metadata = {"format": "pt", "dsnn_level": f"{value:g}"}
         source = bundle.metadata.get("source")
         if isinstance(source, dict) and source.get("sha256"):
             metadata["dsnn_source_sha256"] = str(source["sha256"])
-        write_safetensors(out, state, metadata)
-    else:
+        write_safetensors(out, bundle.state_dict_at(value), metadata)
+    elif fmt == "torch":
         with atomic_path(out) as tmp:
-            torch.save(state, tmp)
+            torch.save(bundle.state_dict_at(value), tmp)
+    elif fmt == "checkpoint":
+        from .models.registry import save_checkpoint
+
+        extra = {"dsnn_level": f"{value:g}",
+                 "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
+        save_checkpoint(_adapter_at(bundle, value), out, extra)
+    else:
+        adapter = _adapter_at(bundle, value)
+        n_mels = int(adapter.metadata().get("features", {}).get("n_mels", 80))
+        export_onnx(adapter.model, out, n_mels)
     return out
+
+
+def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> list[Path]:
+    """Export one level, or with ``level == "all"`` every level to :func:`level_output_path` files."""
+    out = Path(output)
+    if isinstance(level, str) and level.strip().lower() == "all":
+        return [export_level(bundle, lv, level_output_path(out, lv), fmt) for lv in bundle.all_levels]
+    return [export_level(bundle, level, out, fmt)]
