@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,15 @@ def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            raise DsnnError(
+                f"{path} is not a readable torch checkpoint: it is corrupt, or holds pickled objects beyond tensors "
+                "(which dsnn refuses to unpickle)",
+                "re-save only the weights: torch.save(model.state_dict(), path) or save_file(...) from safetensors",
+            ) from exc
         raise DsnnError(
-            f"{path} contains pickled Python objects beyond tensors, which dsnn refuses to unpickle",
+            f"{path} contains pickled Python objects ({found.group(1)}), which dsnn refuses to unpickle",
             "re-save only the weights: torch.save(model.state_dict(), path) or save_file(...) from safetensors",
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

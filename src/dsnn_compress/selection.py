@@ -21,16 +21,16 @@ _POSITIONAL = ("embed", "positional", "pos_conv", "pos_emb", "position")
 def is_default_prunable(name: str, tensor: torch.Tensor) -> bool:
     """The model-agnostic default rule for a checkpoint without model code.
 
-    Prunable: floating-point weights with >= 2 dimensions whose parameter name is ``weight`` (Linear, Conv) or an
-    RNN ``weight_ih_l*`` / ``weight_hh_l*`` (``_reverse`` included). Not prunable: biases, norms, embeddings and
-    positional convolutions, weight-norm pieces (``weight_g`` / ``weight_v`` / parametrizations), and the output
-    head (the owning module is one of :data:`HEAD_NAMES`).
+    Prunable: floating-point weights with >= 2 dimensions whose parameter name is ``weight`` (Linear, Conv),
+    ``in_proj_weight`` (``nn.MultiheadAttention``) or an RNN ``weight_ih_l*`` / ``weight_hh_l*`` (``_reverse``).
+    Not prunable: biases, norms, embeddings and positional convolutions, weight-norm pieces (``weight_g`` /
+    ``weight_v`` / parametrizations), and the output head (the owning module is one of :data:`HEAD_NAMES`).
     """
     if not tensor.is_floating_point() or tensor.dim() < 2:
         return False
     parts = name.split(".")
     leaf = parts[-1]
-    if leaf != "weight" and not _RNN_WEIGHT.match(leaf):
+    if leaf not in ("weight", "in_proj_weight") and not _RNN_WEIGHT.match(leaf):
         return False
     modules = parts[:-1]
     if "parametrizations" in modules:
