@@ -302,6 +302,50 @@ def finetune(
         out.print(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s (log: {result.log})")
 
 
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for everything the demo writes.")] = Path(
+        "dsnn-demo"),
+    levels: Annotated[str, typer.Option("--levels", help="Sparse levels.")] = "0.5,0.7,0.9",
+    steps: Annotated[int, typer.Option("--steps", help="Joint fine-tuning steps.")] = 40,
+    max_eval: Annotated[int | None, typer.Option("--max-eval", help="Evaluate on the first N utterances only.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Prune, jointly fine-tune, evaluate and export the embedded model on embedded data, offline."""
+    from rich.table import Table
+
+    from .demo import comparison_rows, run_demo
+    from .masks import parse_levels
+    from .report import to_json
+    from .train_display import TrainingDisplay
+
+    level_values = parse_levels(levels)
+    with TrainingDisplay(json_mode=json_out) as display:
+        result = run_demo(out_dir, level_values, steps, force, max_eval, report=display.report,
+                          stage=lambda text: err.print(f"[bold]demo:[/bold] {text}"))
+    rows = comparison_rows(result.oneshot, result.finetuned)
+    if json_out:
+        out.print(to_json({"directory": str(result.directory), "levels": rows, "seconds": result.seconds,
+                           "files": {k: str(v) for k, v in result.files.items()}}), markup=False, highlight=False)
+        return
+    table = Table(title=f"WER per sparsity level on {result.finetuned['data']['utterances']} embedded test "
+                        "utterances (unseen speakers)", title_justify="left")
+    for column in ("level", "WER % one-shot", "WER % fine-tuned", "CER % fine-tuned", "nonzero params", "RTFx"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for row in rows:
+        table.add_row("dense" if row["level"] == 0 else f"{row['level']:g}", f"{100 * row['wer_oneshot']:.2f}",
+                      f"{100 * row['wer_finetuned']:.2f}", f"{100 * row['cer_finetuned']:.2f}",
+                      f"{row['nonzero_params']:,}", f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
+    out.print(table)
+    files = Table(title="files", title_justify="left", show_header=False)
+    for name, path in result.files.items():
+        files.add_row(name, str(path))
+    out.print(files)
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    out.print(f"time: {timing}; total {sum(result.seconds.values()):.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn errors into one stderr line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
