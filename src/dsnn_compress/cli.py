@@ -190,12 +190,20 @@ def evaluate(
     normalizer: Annotated[str | None, typer.Option(help="Text normaliser (default: the model's).")] = None,
     batch_frames: Annotated[int, typer.Option(help="Padded feature frames per batch.")] = 30_000,
     details: Annotated[bool, typer.Option("--details", help="Put every hypothesis in the JSON report.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Draw WER vs sparsity to this PNG (needs matplotlib).")
+                    ] = None,
+    plot_with: Annotated[list[Path] | None, typer.Option("--plot-with", help="Earlier report JSON to draw on the "
+                                                                             "same plot (repeatable).")] = None,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .evaluate import check_gates, gate_failure, parse_gate
     from .evaluate import evaluate as run_evaluate
+    from .plot import plot_wer, read_report
     from .report import evaluation_markdown, evaluation_table, to_json
 
+    earlier = [(path.stem, read_report(path)) for path in plot_with or []]
+    if plot_with and plot is None:
+        raise typer.BadParameter("--plot-with needs --plot F.png", param_hint="--plot-with")
     for spec in max_wer or []:
         parse_gate(spec, "--max-wer")
     for spec in max_wer_increase or []:
@@ -212,6 +220,8 @@ def evaluate(
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:
         _write_report_file(markdown_path, evaluation_markdown(report))
+    if plot is not None:
+        plot_wer([(model.stem, report), *earlier], plot)
     if json_path is None or str(json_path) != "-":
         out.print(evaluation_table(report))
         if report["skipped"]:
