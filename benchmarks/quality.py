@@ -1,0 +1,198 @@
+"""The DSNN quality study: one jointly fine-tuned bundle vs. models pruned and fine-tuned one level at a time.
+
+From one dense baseline, at levels 0.5/0.7/0.9 (plus dense), on a test manifest:
+
+  a   one-shot magnitude pruning, no fine-tuning
+  b   single-sparsity: for each level, prune and fine-tune that level alone for K steps
+  c   DSNN `all`: one joint fine-tune of every level for K steps
+  d   DSNN `sandwich` (dense + sparsest + 1 random middle level per step) for K steps
+  e1  (c) with in-place distillation
+  e2  (c) with the gradual cubic pruning schedule
+
+Each variant's result is written to OUT/<variant>.json as soon as it finishes and is reused on the next run, so the
+study can be run in pieces (``--variants c,d``). At the end a table (WER per level, wall time, forward/backward
+passes), the bar check (c or d within 3 % relative of b at every sparse level; the best DSNN variant at or below b
+at the sparsest level), a Markdown summary and a plot are written.
+
+Usage:
+  python benchmarks/quality.py --baseline runs/dense.safetensors --train TRAIN.jsonl --test TEST.jsonl \\
+      --steps 600 --out bench-out/quality [--variants a,b,c,d,e1,e2] [--lr 3e-4] [--batch-frames 6000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dsnn_compress.evaluate import evaluate
+from dsnn_compress.plot import plot_wer
+from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.recipe import recipe_from_dict
+from dsnn_compress.train import finetune
+
+VARIANTS = ("a", "b", "c", "d", "e1", "e2")
+LABELS = {
+    "a": "(a) one-shot, no fine-tuning",
+    "b": "(b) single-sparsity, one model per level",
+    "c": "(c) DSNN all",
+    "d": "(d) DSNN sandwich",
+    "e1": "(e1) DSNN all + distillation",
+    "e2": "(e2) DSNN all + gradual schedule",
+}
+console = Console(width=140)
+
+
+def _recipe(args: argparse.Namespace, init: Path, output: Path, **extra: Any) -> Any:
+    data: dict[str, Any] = {
+        "data": {"train": str(args.train), "batch_frames": args.batch_frames, "spec_augment": True},
+        "model": {"init": str(init)},
+        "optimizer": {"lr": args.lr, "weight_decay": 0.01},
+        "lr_schedule": {"warmup_steps": max(1, args.steps // 10), "decay": "cosine", "min_lr_ratio": 0.1},
+        "training": {"steps": args.steps, "seed": args.seed, "log_every": 25, "keep": "last"},
+        "output": str(output),
+    }
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            data.setdefault(section, {})[name] = value
+        else:
+            data[section] = value
+    return recipe_from_dict(data, base_dir=Path.cwd())
+
+
+def _progress(event: str, data: dict[str, Any]) -> None:
+    if event == "step":
+        losses = " ".join(f"{k}={v:.3f}" for k, v in data["loss"].items())
+        console.print(f"  step {data['step']}: {losses} ({data['steps_per_s']:.2f} steps/s)", highlight=False)
+
+
+def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dict[str, Any]:
+    """Train (if needed) and evaluate one variant; returns its result record."""
+    work = args.out / name
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    passes = 0
+    if name == "b":
+        per_level: dict[str, Any] = {}
+        for level in levels:
+            prune_checkpoint(args.baseline, [level], work / f"pruned-{level:g}.safetensors")
+            recipe = _recipe(args, work / f"pruned-{level:g}.safetensors", work / f"ft-{level:g}.safetensors",
+                             sampling={"mode": "all", "loss_weights": [0.0, 1.0]})
+            result = finetune(recipe, force=True, report=_progress)
+            passes += result.forward_passes
+            report = evaluate(work / f"ft-{level:g}.safetensors", args.test)
+            per_level[f"{level:g}"] = report["levels"][-1]
+            per_level["dense"] = report["levels"][0]
+        entries = [per_level["dense"], *[per_level[f"{lv:g}"] for lv in levels]]
+    else:
+        bundle = work / "pruned.safetensors"
+        prune_checkpoint(args.baseline, levels, bundle)
+        model = bundle
+        if name != "a":
+            extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1}}
+            if name == "e1":
+                extra["distillation"] = {"enabled": True, "weight": 1.0, "temperature": 1.0}
+            if name == "e2":
+                extra["schedule"] = {"enabled": True, "initial_fraction": 0.0, "start_step": 0,
+                                     "end_step": max(2, args.steps * 2 // 3),
+                                     "update_every": max(1, args.steps // 20)}
+            model = work / "dsnn.safetensors"
+            result = finetune(_recipe(args, bundle, model, **extra), force=True, report=_progress)
+            passes = result.forward_passes
+        entries = evaluate(model, args.test)["levels"]
+    return {
+        "variant": name,
+        "label": LABELS[name],
+        "steps": 0 if name == "a" else args.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "forward_backward_passes": passes,
+        "levels": [{"level": e["level"], "wer": e["wer"], "cer": e["cer"]} for e in entries],
+    }
+
+
+def bar_check(results: dict[str, dict[str, Any]], levels: list[float]) -> list[str]:
+    """The study's bar, as human-readable verdict lines."""
+    if "b" not in results:
+        return ["bar not checked: variant b missing"]
+    wer = {k: {e["level"]: e["wer"] for e in r["levels"]} for k, r in results.items()}
+    lines = []
+    for candidate in ("c", "d"):
+        if candidate not in wer:
+            continue
+        ok = all(wer[candidate][lv] <= wer["b"][lv] * 1.03 + 1e-12 for lv in levels)
+        worst = max(wer[candidate][lv] / max(wer["b"][lv], 1e-12) - 1 for lv in levels)
+        lines.append(f"{LABELS[candidate]} within 3 % relative of (b) at every level: {'YES' if ok else 'NO'} "
+                     f"(worst {100 * worst:+.1f} % relative)")
+    dsnn = [k for k in ("c", "d", "e1", "e2") if k in wer]
+    if dsnn:
+        sparsest = levels[-1]
+        best = min(dsnn, key=lambda k: wer[k][sparsest])
+        verdict = "YES" if wer[best][sparsest] <= wer["b"][sparsest] else "NO"
+        lines.append(f"best DSNN variant at {sparsest:g}: {LABELS[best]} with {100 * wer[best][sparsest]:.2f} % vs "
+                     f"(b) {100 * wer['b'][sparsest]:.2f} %: {verdict}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the requested variants and summarise every variant found in the output directory."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="dense dsnn checkpoint")
+    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--test", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps K per run")
+    parser.add_argument("--levels", default="0.5,0.7,0.9")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-frames", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/quality"))
+    parser.add_argument("--rerun", action="store_true", help="recompute variants that already have results")
+    args = parser.parse_args(argv)
+    levels = [float(v) for v in args.levels.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name}")
+        target = args.out / f"{name}.json"
+        if target.exists() and not args.rerun:
+            console.print(f"{LABELS[name]}: reusing {target}")
+            continue
+        console.print(f"[bold]{LABELS[name]}[/bold]")
+        result = run_variant(name, args, levels)
+        result["config"] = {"steps": args.steps, "lr": args.lr, "batch_frames": args.batch_frames,
+                            "seed": args.seed, "baseline": str(args.baseline), "test": str(args.test)}
+        target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("*.json")) if p.stem in VARIANTS}
+    table = Table(title=f"WER % on {args.test} (K = {args.steps} steps)", title_justify="left")
+    for column in ("variant", "dense", *[f"{lv:g}" for lv in levels], "wall s", "fwd/bwd passes"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    markdown = ["| variant | dense | " + " | ".join(f"{lv:g}" for lv in levels) + " | wall s | fwd/bwd passes |",
+                "|---|---:|" + "---:|" * len(levels) + "---:|---:|"]
+    for name in VARIANTS:
+        if name not in results:
+            continue
+        r = results[name]
+        cells = [f"{100 * e['wer']:.2f}" for e in r["levels"]]
+        table.add_row(r["label"], *cells, f"{r['seconds']:.0f}", str(r["forward_backward_passes"]))
+        markdown.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} | "
+                        f"{r['forward_backward_passes']} |")
+    console.print(table)
+    verdict = bar_check(results, levels)
+    for line in verdict:
+        console.print(line)
+    (args.out / "summary.md").write_text("\n".join(markdown + [""] + [f"- {v}" for v in verdict]) + "\n")
+    curves = [(results[k]["label"], {"levels": results[k]["levels"]}) for k in VARIANTS if k in results]
+    if curves:
+        plot_wer(curves, args.out / "quality.png", title=f"WER vs sparsity, K = {args.steps} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
