@@ -104,7 +104,7 @@ def prune(
         save_bundle(bundle, output)
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
-        out.print(to_json({k: v for k, v in report.items() if k != "tensors"}), markup=False, highlight=False)
+        print(to_json({k: v for k, v in report.items() if k != "tensors"}))
         return
     if source.skipped_entries:
         err.print(f"note: ignored {len(source.skipped_entries)} non-tensor entries of the checkpoint")
@@ -126,7 +126,7 @@ def inspect(
     if json_out:
         if not layers:
             report = {k: v for k, v in report.items() if k != "tensors"}
-        out.print(to_json(report), markup=False, highlight=False)
+        print(to_json(report))
         return
     print_inspect(report, bundle.levels, layers, out)
 
@@ -295,10 +295,11 @@ def finetune(
     if recipe_path is not None:
         recipe = apply_overrides(load_recipe(recipe_path), overrides)
     else:
-        if data is None:
-            raise typer.BadParameter("give --recipe R.yaml or --data TRAIN_MANIFEST", param_hint="--data")
-        recipe = apply_overrides(recipe_from_dict({"data": {"train": str(data.absolute())}}, base_dir=Path.cwd()),
-                                 overrides)
+        train = overrides.get("data.train")  # from --data or --set data.train=...
+        if train is None:
+            raise typer.BadParameter("give --recipe R.yaml, or the training manifest (data.train) with --data "
+                                     "TRAIN_MANIFEST", param_hint="--data")
+        recipe = apply_overrides(recipe_from_dict({"data": {"train": train}}, base_dir=Path.cwd()), overrides)
     with TrainingDisplay(json_mode=json_out) as display:
         result = run_finetune(recipe, resume=resume, force=force, report=display.report)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -307,7 +308,7 @@ def finetune(
                "final_loss": result.final_losses, "dev_wer": result.dev_wer, "seconds": round(result.seconds, 2),
                "forward_passes": result.forward_passes, "log": str(result.log)}
     if json_out:
-        out.print(to_json(summary), markup=False, highlight=False)
+        print(to_json(summary))
     else:
         out.print(f"wrote {result.output} after {result.steps} steps in {result.seconds:.1f} s (log: {result.log})")
 
@@ -336,8 +337,8 @@ def demo(
                           stage=lambda text: err.print(f"[bold]demo:[/bold] {text}"))
     rows = comparison_rows(result.oneshot, result.finetuned)
     if json_out:
-        out.print(to_json({"directory": str(result.directory), "levels": rows, "seconds": result.seconds,
-                           "files": {k: str(v) for k, v in result.files.items()}}), markup=False, highlight=False)
+        print(to_json({"directory": str(result.directory), "levels": rows, "seconds": result.seconds,
+                           "files": {k: str(v) for k, v in result.files.items()}}))
         return
     table = Table(title=f"WER per sparsity level on {result.finetuned['data']['utterances']} embedded test "
                         "utterances (unseen speakers)", title_justify="left")

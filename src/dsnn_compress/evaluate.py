@@ -17,7 +17,7 @@ from .data.audio import load_audio
 from .data.batch import pad_batch
 from .data.dataset import bucket_batches
 from .data.manifest import Utterance, read_manifest
-from .data.text import normalize_text
+from .data.text import get_normalizer, normalize_text
 from .errors import DsnnError, GateError, UsageError
 from .loading import LoadedModel, load_model
 from .scoring import char_errors, word_errors
@@ -118,7 +118,7 @@ def evaluate(
     loaded = load_model(model_path)
     chosen = select_levels(loaded, levels)
     norm = normalizer or getattr(loaded.adapter, "normalizer", "default")
-    normalize_text("", norm)  # validates the name
+    normalize = get_normalizer(norm)  # validates the name
     utterances = read_manifest(data_path)
     done = 0
 
@@ -132,6 +132,9 @@ def evaluate(
     if not data.ids:
         raise DsnnError(f"no utterance of {data_path} could be used ({len(data.skipped)} skipped)",
                         "check the audio files and transcripts")
+    if not any(ref.split() for ref in data.references):
+        raise DsnnError(f"the transcripts of {data_path} hold no words after normalisation, so WER is undefined",
+                        "evaluate on data with non-empty transcripts")
     batches = bucket_batches(data.seconds, batch_frames, shuffle=False, seed=0)
     first = batches[0]
     loaded.set_level(chosen[0])
@@ -149,7 +152,7 @@ def evaluate(
             texts = transcribe_waveforms(loaded, [data.waveforms[i] for i in batch], [data.ids[i] for i in batch])
             elapsed += time.perf_counter() - start
             for i, text in zip(batch, texts, strict=True):
-                hyps[i] = text
+                hyps[i] = normalize(text)  # scored like the references (no stray or doubled spaces)
             step += 1
             if on_progress:
                 on_progress(f"level {level:g}", step, total_steps)

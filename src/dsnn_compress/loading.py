@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import Bundle, load_bundle
-from .errors import DsnnError
+from .errors import DsnnError, UsageError
 from .models.base import ModelAdapter
 from .sparsity import DynamicSparsity
 
@@ -35,8 +35,8 @@ class LoadedModel:
         from .bundle import parse_level
 
         if parse_level(level) != 0.0:
-            raise DsnnError(f"{self.path} is a dense checkpoint with no level {level}",
-                            "evaluate a DSNN bundle to get sparse levels")
+            raise UsageError(f"{self.path} is a dense checkpoint with no level {level}",
+                             "evaluate a DSNN bundle to get sparse levels")
 
     def nonzero_params(self) -> int:
         """Floating-point parameters of the model that are not pruned at the active level."""

@@ -63,7 +63,8 @@ def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorCo
 def char_errors(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorCounts:
     """Corpus character error counts; spaces count as characters (jiwer's CER)."""
     refs, hyps, _ = _non_empty(references, hypotheses)
-    extra = sum(len(h) for r, h in zip(references, hypotheses, strict=True) if not r.strip())
+    # jiwer strips surrounding whitespace; do the same for hypotheses of empty references
+    extra = sum(len(h.strip()) for r, h in zip(references, hypotheses, strict=True) if not r.strip())
     if not refs:
         return ErrorCounts(0, 0, extra, 0)
     counts = _counts(jiwer.process_characters(refs, hyps))

@@ -101,6 +101,18 @@ def _average_gradients(params: Sequence[nn.Parameter], dist_info: DistInfo) -> N
         param.grad /= dist_info.world
 
 
+def _average_losses(losses: dict[int, float], dist_info: DistInfo, device: torch.device) -> dict[int, float]:
+    """Each level's loss averaged over the ranks (all train the same levels), so logs show the global batch."""
+    if dist_info.world <= 1 or not losses:
+        return losses
+    import torch.distributed as dist
+
+    keys = sorted(losses)
+    values = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return {k: v / dist_info.world for k, v in zip(keys, values.tolist())}
+
+
 def _barrier(dist_info: DistInfo) -> None:
     if dist_info.world > 1:
         import torch.distributed as dist
@@ -318,6 +330,7 @@ def dev_wer(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, t
     from .data.batch import pad_batch
 
     adapter = runner._adapter
+    normalizer = getattr(adapter, "normalizer", "default")
     was_training = adapter.model.training
     adapter.model.eval()
     wers = []
@@ -328,7 +341,8 @@ def dev_wer(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, t
                 waves = dev.waveforms[start:start + batch_size]
                 batch = pad_batch([adapter.prepare(w) for w in waves], [[] for _ in waves], ["" for _ in waves],
                                   dev.ids[start:start + batch_size])
-                hyps.extend(run_at_level(runner, params, codes, index, batch, "decode"))
+                hyps.extend(normalize_text(h, normalizer)
+                            for h in run_at_level(runner, params, codes, index, batch, "decode"))
             wers.append(word_errors(dev.references, hyps).rate)
     adapter.model.train(was_training)
     return wers
@@ -458,7 +472,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
 
     runner = _Runner(adapter)
     model.train()
-    log_handle = _open_log(log_file, resume) if dist_info.main else None
+    log_handle = _open_log(log_file, resume, step) if dist_info.main else None
     emit("start", {"steps": total_steps, "start_step": step, "levels": list(levels), "world": dist_info.world,
                    "per_epoch": per_epoch, "params": sum(p.numel() for p in params.values()),
                    "device": str(device), "log": str(log_file)})
@@ -499,6 +513,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
                             recipe.distillation.temperature)
         forward_passes += len(indices) + (1 if distill and 0 not in indices else 0)
         _average_gradients(list(params.values()), dist_info)
+        losses = _average_losses(losses, dist_info, device)
         grad_norm = None
         if cfg.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip))
@@ -525,7 +540,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
                 emit("eval", record)
                 mean = sum(last_dev) / len(last_dev)
                 if cfg.keep == "best" and (best is None or mean < best["metric"]):
-                    best = {"metric": mean, "step": step,
+                    best = {"metric": mean, "step": step, "dev_wer": list(last_dev),
                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                             "codes": {n: c.cpu().clone() for n, c in codes.items()}}
             _barrier(dist_info)
@@ -546,7 +561,9 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         if cfg.keep == "best" and best is not None:
             model.load_state_dict({k: v.to(device) for k, v in best["model"].items()})
             codes = {n: c.to(device) for n, c in best["codes"].items()}
-        _write_output(recipe, setup, model, codes, output, step, last_losses, last_dev, dist_info,
+        # with keep=best the bundle holds the best step's weights: record that step's dev WER, not the last one
+        written_dev = best.get("dev_wer", last_dev) if (cfg.keep == "best" and best is not None) else last_dev
+        _write_output(recipe, setup, model, codes, output, step, last_losses, written_dev, dist_info,
                       best_step=best["step"] if best else None)
         if state_file.exists():
             state_file.unlink()
@@ -591,8 +608,27 @@ def _check_outputs(output: Path, state_file: Path, resume: bool, force: bool) ->
         raise UsageError(f"output {output} already exists", "pass --force to overwrite it or choose another path")
 
 
-def _open_log(path: Path, resume: bool):  # noqa: ANN202 - a text file handle
-    return open(path, "a" if resume else "w", encoding="utf-8")
+def _open_log(path: Path, resume: bool, step: int = 0):  # noqa: ANN202 - a text file handle
+    """Open the JSONL log; on resume, first drop what the crashed run logged after the resumed ``step``.
+
+    A crash after the last checkpoint leaves records of steps that the resumed run repeats (and possibly a torn last
+    line from a kill in mid-write); keeping them would give duplicate or unparseable records.
+    """
+    if not resume:
+        return open(path, "w", encoding="utf-8")
+    kept: list[str] = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            logged = record.get("step") if isinstance(record, dict) else None
+            if isinstance(logged, int) and logged <= step:
+                kept.append(line)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    return open(path, "a", encoding="utf-8")
 
 
 def _log(handle: Any, record: dict[str, Any]) -> None:
