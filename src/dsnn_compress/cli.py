@@ -137,25 +137,29 @@ def export(
     level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense), or 'all'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file (with --level all: the name "
                                                                 "pattern, e.g. model.onnx -> model-0.7.onnx).")],
-    fmt: Annotated[str | None, typer.Option("--format", help="safetensors | torch | checkpoint | onnx "
-                                                                 "(default: from the extension).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="safetensors | torch | checkpoint | onnx | hf "
+                                                                 "(default: from the extension; hf: a Hugging Face "
+                                                                 "save_pretrained directory).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
-    """Write a level as a plain state dict, a self-describing checkpoint, or ONNX."""
+    """Write a level as a plain state dict, a self-describing checkpoint, ONNX or a Hugging Face directory."""
     from .atomic import check_output_path
     from .bundle import load_bundle, parse_level
-    from .export import export_levels, infer_format, level_output_path
+    from .export import check_output_dir, export_levels, infer_format, level_output_path
 
     every = level.strip().lower() == "all"
     if not every:
         parse_level(level)
-    infer_format(output, fmt)
+    resolved = infer_format(output, fmt)
     bundle = load_bundle(bundle_path)
     targets = [level_output_path(output, lv) for lv in bundle.all_levels] if every else [output]
     if not every:
         bundle.level_index(level)
     for target in targets:
-        check_output_path(target, force)
+        if resolved == "hf":  # a directory (hf-ctc)
+            check_output_dir(target, force)
+        else:
+            check_output_path(target, force)
     with progress() as bar:
         bar.add_task("exporting", total=None, info=str(output))
         written = export_levels(bundle, level, output, fmt)
@@ -254,7 +258,7 @@ def transcribe(
 
 @app.command()
 def finetune(
-    model: Annotated[Path | None, typer.Argument(metavar="[BUNDLE]", help="Bundle or dsnn checkpoint to start "
+    model: Annotated[Path | None, typer.Argument(metavar="[BUNDLE]", help="Bundle, dsnn checkpoint or HF directory to start "
                                                                           "from (overrides model.init).")] = None,
     recipe_path: Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Training manifest (data.train).")] = None,

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from .bundle import Bundle
 from .errors import DsnnError, UsageError
 from .safetensors_io import write_safetensors
 
-FORMATS = ("safetensors", "torch", "checkpoint", "onnx")
+FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf")
 """``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn
 checkpoint (safetensors + model description) that ``evaluate``/``transcribe`` load. ``onnx``: the network at that
-level, inputs ``features [batch, time, mels]`` and ``lengths [batch]``, outputs ``log_probs`` and ``out_lengths``."""
+level, inputs ``features [batch, time, mels]`` and ``lengths [batch]``, outputs ``log_probs`` and ``out_lengths``.
+``hf``: a Hugging Face ``save_pretrained`` directory (``hf-ctc`` bundles only; never inferred from the name)."""
 
 
 def infer_format(output: Path, requested: str | None) -> str:
@@ -33,6 +35,21 @@ def infer_format(output: Path, requested: str | None) -> str:
     if output.suffix == ".onnx":
         return "onnx"
     return "safetensors"
+
+
+# --- hf-ctc: directory outputs of --format hf
+def check_output_dir(path: str | Path, force: bool = False) -> Path:
+    """Validate a directory output before any work: parent writable, no overwrite (file or dir) without force."""
+    out = Path(path)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UsageError(f"output {out} already exists", "pass --force to replace it or choose another path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        raise DsnnError(f"output directory {parent} is not writable", "choose a writable location")
+    return out
+# --- end hf-ctc
 
 
 def level_output_path(output: Path, level: float) -> Path:
@@ -99,8 +116,19 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
         save_checkpoint(_adapter_at(bundle, value), out, extra)
+    elif fmt == "hf":  # --- hf-ctc
+        adapter = _adapter_at(bundle, value)
+        if adapter.family != "hf-ctc":
+            raise UsageError(f"--format hf writes Hugging Face models, but this bundle holds a {adapter.family} model",
+                             "use --format checkpoint, safetensors, torch or onnx")
+        from .models.hf_ctc import save_hf_directory
+
+        save_hf_directory(adapter, out, level=value)
     else:
         adapter = _adapter_at(bundle, value)
+        if adapter.family == "hf-ctc":  # --- hf-ctc
+            raise UsageError("ONNX export of Hugging Face (hf-ctc) models is not supported",
+                             "export --format hf and convert that directory with Hugging Face Optimum")
         n_mels = int(adapter.metadata().get("features", {}).get("n_mels", 80))
         export_onnx(adapter.model, out, n_mels)
     return out

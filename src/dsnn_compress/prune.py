@@ -13,9 +13,22 @@ from .masks import compute_codes, validate_levels
 from .selection import select_prunable
 
 
-def model_default_prunable(source: SourceCheckpoint) -> list[str] | None:
-    """The model adapter's default prunable names when the source describes its model, else ``None``."""
+def source_model_metadata(source: SourceCheckpoint) -> dict[str, Any] | None:
+    """The model description of ``source``: a dsnn checkpoint's own, or (Hugging Face directory of a supported
+    CTC architecture) the ``hf-ctc`` description built from its text files; ``None`` otherwise."""
     meta = source.model_metadata
+    # --- hf-ctc: Hugging Face directories (models/hf_ctc.py; parsing the JSON files needs no transformers)
+    if meta is None and source.kind == "hf-dir" and source.hf_files:
+        from .models.hf_ctc import hf_metadata_from_files
+
+        meta = hf_metadata_from_files(source.hf_files, list(source.tensors))
+    # --- end hf-ctc
+    return meta
+
+
+def model_default_prunable(source: SourceCheckpoint, meta: dict[str, Any] | None = None) -> list[str] | None:
+    """The model adapter's default prunable names when the source describes its model, else ``None``."""
+    meta = source_model_metadata(source) if meta is None else meta
     if meta is None:
         return None
     from .models.registry import adapter_from_metadata
@@ -34,7 +47,8 @@ def build_bundle(
 ) -> Bundle:
     """Rank the selected tensors of ``source`` once and encode every level as keep codes."""
     levels = validate_levels(list(levels))
-    defaults = None if include else model_default_prunable(source)
+    model_meta = source_model_metadata(source)
+    defaults = None if include or model_meta is None else model_default_prunable(source, model_meta)
     names = select_prunable(source.tensors, include, exclude, defaults)
     codes = compute_codes({n: source.tensors[n] for n in names}, levels, allocation, on_progress)
     metadata: dict[str, Any] = {
@@ -45,8 +59,8 @@ def build_bundle(
         "tool": {"name": "dsnn-compress", "version": __version__},
         "command": command,
     }
-    if source.model_metadata is not None:
-        metadata["model"] = source.model_metadata
+    if model_meta is not None:
+        metadata["model"] = model_meta
     if source.hf_files:
         metadata["hf_files"] = source.hf_files
     return Bundle(tensors=dict(source.tensors), codes=codes, levels=levels, metadata=metadata)

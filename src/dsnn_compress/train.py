@@ -95,6 +95,8 @@ def _average_gradients(params: Sequence[nn.Parameter], dist_info: DistInfo) -> N
     import torch.distributed as dist
 
     for param in params:
+        if not param.requires_grad:
+            continue  # frozen (e.g. a Hugging Face feature encoder): no gradient, so no weight decay either
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
@@ -160,8 +162,20 @@ def build_model(recipe: Recipe) -> ModelSetup:
         source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
         codes = _initial_codes(adapter, levels, recipe) if levels else {}
         return ModelSetup(adapter, codes, levels, source)
+    # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
+    if Path(init).is_dir():
+        from .checkpoint import load_source
+        from .models.hf_ctc import adapter_from_source
+
+        hf_source = load_source(init)
+        adapter = adapter_from_source(hf_source, recipe.model.normalizer)
+        source = {"file": Path(init).name, "sha256": hf_source.sha256, "kind": hf_source.kind}
+        codes = _initial_codes(adapter, levels, recipe) if levels else {}
+        return ModelSetup(adapter, codes, levels, source)
+    # --- end hf-ctc
     if not Path(init).is_file():
-        raise DsnnError(f"model.init {init} does not exist", "point it at a bundle or a dsnn checkpoint")
+        raise DsnnError(f"model.init {init} does not exist",
+                        "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
     metadata = read_safetensors_metadata(Path(init))
     source = {"file": Path(init).name, "sha256": sha256_file(Path(init)), "kind": metadata.get("format")}
     if metadata.get("format") == "dsnn-bundle":
@@ -312,6 +326,8 @@ def _loader(dataset: SpeechDataset, batches: list[list[int]], workers: int, seed
 
 def _augment(batch: Batch, seed: int, step: int) -> Batch:
     """SpecAugment each utterance with a generator derived from (seed, step, position): resume-safe."""
+    if batch.inputs.dim() != 3:  # raw-waveform models (hf-ctc) have no [T, F] features; they mask inside the model
+        return batch
     inputs = batch.inputs.clone()
     for i in range(len(batch)):
         length = int(batch.input_lengths[i])
@@ -461,6 +477,8 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         codes = {n: c.to(device) for n, c in state["codes"].items()}
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state.get("numpy_rng") is not None:
+            _set_numpy_rng_state(state["numpy_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
         step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
@@ -648,6 +666,7 @@ def _state_dict(recipe: Recipe, model: nn.Module, codes: dict[str, torch.Tensor]
         "codes": {n: c.cpu() for n, c in codes.items()},
         "optimizer": optimizer.state_dict(),
         "rng": torch.get_rng_state(),
+        "numpy_rng": _numpy_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "step": step,
         "epoch": epoch,
@@ -655,6 +674,22 @@ def _state_dict(recipe: Recipe, model: nn.Module, codes: dict[str, torch.Tensor]
         "best": best,
         "skipped": skipped,
     }
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global generator state (Hugging Face SpecAugment draws from it), as tensors and numbers."""
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached"]))
 
 
 def _write_output(recipe: Recipe, setup: ModelSetup, model: nn.Module, codes: dict[str, torch.Tensor],

@@ -101,6 +101,8 @@ def get_family(name: str, error_cls: type[DsnnError] = UsageError) -> FamilyFact
 
 register_family(CONFORMER_CTC.name, CONFORMER_CTC)
 register_family(LSTM_CTC.name, LSTM_CTC)
+# hf-ctc (Hugging Face Wav2Vec2ForCTC & co.): imported on first lookup; it needs the optional transformers
+register_lazy_family("hf-ctc", "dsnn_compress.models.hf_ctc")
 
 
 def new_adapter(
