@@ -258,8 +258,9 @@ def transcribe(
 
 @app.command()
 def finetune(
-    model: Annotated[Path | None, typer.Argument(metavar="[BUNDLE]", help="Bundle, dsnn checkpoint or HF directory to start "
-                                                                          "from (overrides model.init).")] = None,
+    model: Annotated[Path | None, typer.Argument(
+        metavar="[BUNDLE]", help="Bundle, dsnn checkpoint or HF directory to start from (overrides model.init).")
+    ] = None,
     recipe_path: Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Training manifest (data.train).")] = None,
     dev: Annotated[Path | None, typer.Option("--dev", help="Dev manifest (data.dev).")] = None,
