@@ -44,9 +44,11 @@ def tiny_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return assets
 
 
-def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo-out"
-    code = main(["demo", "--out", str(out), "--steps", "2", "--max-eval", "4", "--json"])
+    code = main(["demo", "--out", "demo-out", "--steps", "2", "--max-eval", "4", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["level"] for row in result["levels"]] == [0.0, 0.5, 0.7, 0.9]

@@ -55,7 +55,7 @@ def run_demo(
         raise DsnnError(f"the embedded demo model {model} is missing", "reinstall dsnn-compress")
     if steps < 1:
         raise UsageError("--steps must be at least 1")
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()):
         if not force:
             raise UsageError(f"demo directory {out} is not empty", "pass --force to replace it or choose --out")
