@@ -11,14 +11,16 @@ tensor's size (``per-layer``) or the total size of all selected tensors (``globa
 
 Selection of the ``p``-th smallest magnitude uses a two-pass radix select over the float32 bit patterns
 (non-negative floats order like their bit patterns as integers): a 32768-bin histogram of the high 16 bits, then a
-65536-bin histogram of the low 16 bits inside the one bucket that holds the answer. It streams over tensors, so
-global allocation never concatenates the model.
+65536-bin histogram of the low 16 bits inside the one bucket that holds the answer (one pass for all levels), then
+one pass that writes every level's codes. Each pass streams over the tensors in chunks of ``_CHUNK`` weights and
+recomputes the magnitudes chunk by chunk, so neither allocation holds more than the codes (1 byte per weight) plus
+one chunk of temporaries, and global allocation never concatenates the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -78,21 +80,50 @@ def pruned_count(sparsity: float, size: int) -> int:
     return int(round(sparsity * size))
 
 
-def _magnitude_bits(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """Flat int32 bit patterns of ``|tensor|`` as float32 (order-preserving for non-negative floats)."""
+_CHUNK = 1 << 22
+"""Weights per chunk of the streaming passes: bounds the temporaries (about 40 MiB at most, whatever the tensor or
+model size) while keeping the number of torch calls - each one a parallel region - close to one per tensor and op."""
+
+
+def _checked_flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` flattened, after checking that it is floating point and finite (errors name the tensor)."""
     flat = tensor.detach().reshape(-1)
     if not flat.is_floating_point():
         raise UsageError(f"tensor {name} has dtype {flat.dtype}, not floating point", "exclude it from pruning")
+    for start in range(0, flat.numel(), _CHUNK):
+        if not bool(torch.isfinite(flat[start : start + _CHUNK]).all()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise DsnnError(
+                f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
+                "fix or retrain the model, or exclude that tensor with --exclude",
+            )
+    return flat
+
+
+def _magnitude_bits(flat: torch.Tensor) -> torch.Tensor:
+    """Int32 bit patterns of ``|flat|`` as float32 (order-preserving for non-negative floats)."""
     if flat.dtype != torch.float32:
         flat = flat.float()
-    finite = torch.isfinite(flat)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise DsnnError(
-            f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
-            "fix or retrain the model, or exclude that tensor with --exclude",
-        )
     return flat.abs().view(torch.int32)
+
+
+class _Stream:
+    """The weights being ranked, in stream order (tensors in the given order, then flat index), with their codes.
+
+    Iterating yields ``(code_chunk, bits_chunk)`` pairs, ``_CHUNK`` weights at a time: ``code_chunk`` is a view into
+    the code tensor, and the magnitude bits are recomputed on every pass. A pass therefore holds one chunk of
+    temporaries, never the bits of whole tensors (for global allocation those would cost as much memory as the fp32
+    weights themselves).
+    """
+
+    def __init__(self, flats: Sequence[torch.Tensor], codes: Sequence[torch.Tensor]) -> None:
+        self.flats = flats
+        self.codes = codes
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for flat, code in zip(self.flats, self.codes):
+            for start in range(0, flat.numel(), _CHUNK):
+                yield code[start : start + _CHUNK], _magnitude_bits(flat[start : start + _CHUNK])
 
 
 class _Selection:
@@ -105,53 +136,69 @@ class _Selection:
         self.ties_pruned = ties_pruned
 
 
-def _select(bits_list: Sequence[torch.Tensor], counts: Sequence[int]) -> list[_Selection | None]:
-    """Radix-select, for each count ``p``, the value of the p-th smallest element across ``bits_list``.
+def _select(stream: _Stream, counts: Sequence[int]) -> list[_Selection | None]:
+    """Radix-select, for each count ``p``, the value of the p-th smallest element of ``stream``.
 
     Returns ``None`` for ``p == 0`` (nothing pruned). Otherwise the threshold ``t`` is such that every element
-    ``< t`` is pruned, plus the first ``ties_pruned`` elements equal to ``t`` in stream order.
+    ``< t`` is pruned, plus the first ``ties_pruned`` elements equal to ``t`` in stream order. Two passes over the
+    stream whatever the number of counts: the high-16-bit histogram, then the low-16-bit histograms of every bucket
+    that holds an answer.
     """
     hi_hist = torch.zeros(32768, dtype=torch.int64)
-    for bits in bits_list:
+    for _, bits in stream:
         hi_hist += torch.bincount(bits >> 16, minlength=32768)
     hi_cum = torch.cumsum(hi_hist, 0)
-    out: list[_Selection | None] = []
+    buckets: list[tuple[int, int] | None] = []
     for p in counts:
         if p <= 0:
-            out.append(None)
+            buckets.append(None)
             continue
         bucket = int(torch.searchsorted(hi_cum, torch.tensor(p, dtype=torch.int64)))
-        below_bucket = int(hi_cum[bucket - 1]) if bucket > 0 else 0
-        lo_hist = torch.zeros(65536, dtype=torch.int64)
-        for bits in bits_list:
-            inside = bits[(bits >> 16) == bucket]
-            if inside.numel():
-                lo_hist += torch.bincount(inside & 0xFFFF, minlength=65536)
-        lo_cum = torch.cumsum(lo_hist, 0) + below_bucket
+        buckets.append((bucket, int(hi_cum[bucket - 1]) if bucket > 0 else 0))
+    lo_hists = {entry[0]: torch.zeros(65536, dtype=torch.int64) for entry in buckets if entry is not None}
+    if lo_hists:
+        for _, bits in stream:
+            hi = bits >> 16
+            for bucket, lo_hist in lo_hists.items():
+                inside = bits[hi == bucket]
+                if inside.numel():
+                    lo_hist += torch.bincount(inside & 0xFFFF, minlength=65536)
+    out: list[_Selection | None] = []
+    for p, entry in zip(counts, buckets):
+        if entry is None:
+            out.append(None)
+            continue
+        bucket, below_bucket = entry
+        lo_cum = torch.cumsum(lo_hists[bucket], 0) + below_bucket
         lo = int(torch.searchsorted(lo_cum, torch.tensor(p, dtype=torch.int64)))
         below_value = int(lo_cum[lo - 1]) if lo > 0 else below_bucket
         out.append(_Selection((bucket << 16) | lo, p - below_value))
     return out
 
 
-def _apply_selection(
-    codes: list[torch.Tensor], bits_list: Sequence[torch.Tensor], selection: _Selection | None
-) -> None:
-    """Add 1 to the code of every element that survives ``selection`` (in place, across the stream)."""
-    if selection is None:
-        for code in codes:
-            code += 1
-        return
-    ties_left = selection.ties_pruned
-    for code, bits in zip(codes, bits_list):
-        code += bits > selection.threshold
-        equal = (bits == selection.threshold).nonzero().reshape(-1)
-        if equal.numel() == 0:
-            continue
-        survivors = equal[min(ties_left, equal.numel()) :]
-        ties_left = max(0, ties_left - equal.numel())
-        if survivors.numel():
-            code[survivors] += 1
+def _apply_selections(stream: _Stream, selections: Sequence[_Selection | None], ties_left: list[int]) -> None:
+    """Add 1 to the code of every element that survives each selection (in place, in one pass over ``stream``).
+
+    ``ties_left[i]`` counts the ties at selection ``i``'s threshold still to prune; it carries over between calls
+    that continue the same stream.
+    """
+    for code, bits in stream:
+        for i, selection in enumerate(selections):
+            if selection is None:
+                code += 1
+                continue
+            code += bits > selection.threshold
+            equal = (bits == selection.threshold).nonzero().reshape(-1)
+            if equal.numel() == 0:
+                continue
+            survivors = equal[min(ties_left[i], equal.numel()) :]
+            ties_left[i] = max(0, ties_left[i] - equal.numel())
+            if survivors.numel():
+                code[survivors] += 1
+
+
+def _ties(selections: Sequence[_Selection | None]) -> list[int]:
+    return [0 if s is None else s.ties_pruned for s in selections]
 
 
 def compute_codes(
@@ -192,24 +239,26 @@ def codes_at_sparsities(
     done = 0
     if allocation == "per-layer":
         for name in names:
-            bits = _magnitude_bits(tensors[name], name)
-            code = torch.zeros(bits.numel(), dtype=torch.uint8)
-            for selection in _select([bits], [pruned_count(s, bits.numel()) for s in sparsities]):
-                _apply_selection([code], [bits], selection)
+            flat = _checked_flat(tensors[name], name)
+            code = torch.zeros(flat.numel(), dtype=torch.uint8)
+            stream = _Stream([flat], [code])
+            selections = _select(stream, [pruned_count(s, flat.numel()) for s in sparsities])
+            _apply_selections(stream, selections, _ties(selections))
             codes[name] = code.reshape(tensors[name].shape)
-            del bits
             done += code.numel()
             if on_progress:
                 on_progress(done, total)
         return codes
-    bits_list = [_magnitude_bits(tensors[name], name) for name in names]
-    flat_codes = [torch.zeros(b.numel(), dtype=torch.uint8) for b in bits_list]
-    for k, selection in enumerate(_select(bits_list, [pruned_count(s, total) for s in sparsities]), 1):
-        _apply_selection(flat_codes, bits_list, selection)
-        if on_progress:
-            on_progress(total * k // len(sparsities), total)
-    for name, code in zip(names, flat_codes):
+    flats = [_checked_flat(tensors[name], name) for name in names]
+    flat_codes = [torch.zeros(f.numel(), dtype=torch.uint8) for f in flats]
+    selections = _select(_Stream(flats, flat_codes), [pruned_count(s, total) for s in sparsities])
+    ties_left = _ties(selections)
+    for name, flat, code in zip(names, flats, flat_codes):
+        _apply_selections(_Stream([flat], [code]), selections, ties_left)
         codes[name] = code.reshape(tensors[name].shape)
+        done += code.numel()
+        if on_progress:
+            on_progress(done, total)
     return codes
 
 
@@ -220,7 +269,10 @@ def level_mask(code: torch.Tensor, level_index: int) -> torch.Tensor:
 
 def code_histogram(code: torch.Tensor, num_levels: int) -> list[int]:
     """Count of weights per code value ``0..num_levels``."""
-    return torch.bincount(code.reshape(-1).to(torch.int64), minlength=num_levels + 1).tolist()
+    flat = code.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.to(torch.int64)
+    return torch.bincount(flat, minlength=num_levels + 1).tolist()
 
 
 def pruned_per_level(code: torch.Tensor, num_levels: int) -> list[int]:
