@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import Interference, wait_for_idle  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "tests" / "data" / "manifest.jsonl"
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]  # 32 symbols, like base-960h
@@ -47,48 +50,6 @@ VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]  
 # ----------------------------------------------------------------------------------------------------------------
 # Interference from other processes (the machine may be shared)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _busy_cpu_seconds() -> float:
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class Interference:
-    """Fraction of the machine's CPU capacity used by *other* processes between ``start()`` and ``stop()``."""
-
-    def start(self) -> Interference:
-        self._t, self._busy, self._own = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
-        return self
-
-    def stop(self) -> float:
-        wall = time.perf_counter() - self._t
-        foreign = (_busy_cpu_seconds() - self._busy) - (_own_cpu_seconds() - self._own)
-        return max(0.0, foreign / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
-
-
-def wait_for_idle(max_wait: float, threshold: float = 0.1) -> float:
-    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` of the CPUs for 2 s in a row."""
-    deadline = time.perf_counter() + max_wait
-    warned = False
-    while True:
-        probe = Interference().start()
-        time.sleep(2.0)
-        load = probe.stop()
-        if load < threshold or time.perf_counter() >= deadline:
-            return load
-        if not warned:
-            print(f"other processes use {load:.0%} of the CPUs; waiting up to {max_wait:.0f} s", file=sys.stderr)
-            warned = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
