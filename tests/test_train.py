@@ -204,8 +204,16 @@ def test_gradients_do_not_reach_weights_pruned_at_the_trained_level(tmp_path: Pa
     assert all(torch.count_nonzero(dense[n][c < 2]) > 0 for n, c in codes.items())
 
 
-def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path):
+def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     recipe = tiny(tmp_path)
+    forwards: list[int] = []
+    real_run_at_level = train.run_at_level
+
+    def counting(runner: Any, params: Any, codes: Any, index: int, batch: Any, mode: str) -> Any:
+        forwards.append(index)
+        return real_run_at_level(runner, params, codes, index, batch, mode)
+
+    monkeypatch.setattr(train, "run_at_level", counting)
     setup = build_model(recipe)
     model = setup.adapter.model.train()
     params = dict(model.named_parameters())
@@ -214,8 +222,11 @@ def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path)
 
     def grads(levels: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
+        forwards.clear()
         losses = train_step(runner, params, setup.codes, batch, levels, weights)
-        assert sorted(losses) == sorted(levels)
+        trained = [i for i in sorted(levels) if weights[i] > 0]
+        assert sorted(losses) == trained
+        assert sorted(forwards) == trained  # a zero-weight level costs no forward pass
         return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
     without = grads([0, 2], [1.0, 1.0, 1.0])
@@ -226,6 +237,9 @@ def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path)
     half = grads([0, 1, 2], [1.0, 0.5, 1.0])  # weights scale a level's contribution linearly
     expected = {n: (without[n] + with_level[n]) / 2 for n in without}
     assert max_abs_diff(half, expected) < 1e-5
+    forwards.clear()  # a zero-weight dense level still runs once, without gradient, as the distillation teacher
+    losses = train_step(runner, params, setup.codes, batch, [0, 2], [0.0, 1.0, 1.0], distill_weight=1.0)
+    assert forwards == [0, 2] and sorted(losses) == [2]
 
 
 def test_loss_weights_of_the_wrong_length_are_rejected(tmp_path: Path):

@@ -286,9 +286,14 @@ def train_step(
     distill_weight: float = 0.0,
     temperature: float = 1.0,
 ) -> dict[int, float]:
-    """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses."""
+    """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses.
+
+    Levels whose loss weight is 0 contribute no gradient and are skipped (no forward pass, no loss reported),
+    except that the dense level still runs as the distillation teacher.
+    """
     losses: dict[int, float] = {}
     teacher = None
+    level_indices = [i for i in level_indices if weights[i] > 0]
     if distill_weight > 0 and 0 not in level_indices:
         with torch.no_grad():
             teacher = run_at_level(runner, params, codes, 0, batch, "loss")[1].detach()
@@ -529,7 +534,8 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         distill = recipe.distillation.weight if recipe.distillation.enabled and num_levels else 0.0
         losses = train_step(runner, params, codes, batch, indices, weights, distill,
                             recipe.distillation.temperature)
-        forward_passes += len(indices) + (1 if distill and 0 not in indices else 0)
+        trained = [i for i in indices if weights[i] > 0]
+        forward_passes += len(trained) + (1 if distill and 0 not in trained else 0)
         _average_gradients(list(params.values()), dist_info)
         losses = _average_losses(losses, dist_info, device)
         grad_norm = None
