@@ -16,7 +16,8 @@ or below b at the sparsest level), a Markdown summary and a plot are written.
 
 Usage:
   python benchmarks/quality.py --baseline runs/dense.safetensors --train TRAIN.jsonl --test TEST.jsonl \\
-      --steps 600 --out bench-out/quality [--variants a,b,c,d,e1,e2] [--lr 3e-4] [--batch-frames 6000]
+      --steps 600 --out bench-out/quality [--variants a,b,c,d,e1,e2] [--lr 3e-4] [--batch-frames 6000] \\
+      [--loss-weights 1,1,1,2] [--distill-weight 1.0]
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
         prune_checkpoint(args.baseline, levels, bundle)
         model = bundle
         if name != "a":
-            extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1}}
+            extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1,
+                                                  "loss_weights": args.loss_weights}}
             if name == "e1":
-                extra["distillation"] = {"enabled": True, "weight": 1.0, "temperature": 1.0}
+                extra["distillation"] = {"enabled": True, "weight": args.distill_weight, "temperature": 1.0}
             if name == "e2":
                 extra["schedule"] = {"enabled": True, "initial_fraction": 0.0, "start_step": 0,
                                      "end_step": max(2, args.steps * 2 // 3),
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="0.5,0.7,0.9")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--loss-weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                        help="DSNN variants: one loss weight per level, dense first (default: all 1)")
+    parser.add_argument("--distill-weight", type=float, default=1.0, help="e1: weight of the distillation term")
     parser.add_argument("--batch-frames", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out/quality"))
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]{LABELS[name]}[/bold]")
         result = run_variant(name, args, levels)
         result["config"] = {"steps": args.steps, "lr": args.lr, "batch_frames": args.batch_frames,
+                            "loss_weights": args.loss_weights, "distill_weight": args.distill_weight,
                             "seed": args.seed, "baseline": str(args.baseline), "test": str(args.test)}
         target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     results = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("*.json")) if p.stem in VARIANTS}
