@@ -8,6 +8,7 @@ From one dense baseline, at levels 0.5/0.7/0.9 (plus dense), on a test manifest:
   d   DSNN `sandwich` (dense + sparsest + 1 random middle level per step) for K steps
   e1  (c) with in-place distillation
   e2  (c) with the gradual cubic pruning schedule
+  f   (c) with both: in-place distillation and the gradual schedule
 
 Each variant's result is written to OUT/<variant>.json as soon as it finishes and is reused on the next run, so the
 study can be run in pieces (``--variants c,d``). At the end a table (WER per level, wall time, forward/backward
@@ -38,7 +39,7 @@ from dsnn_compress.prune import prune_checkpoint
 from dsnn_compress.recipe import recipe_from_dict
 from dsnn_compress.train import finetune
 
-VARIANTS = ("a", "b", "c", "d", "e1", "e2")
+VARIANTS = ("a", "b", "c", "d", "e1", "e2", "f")
 LABELS = {
     "a": "(a) one-shot, no fine-tuning",
     "b": "(b) single-sparsity, one model per level",
@@ -46,6 +47,7 @@ LABELS = {
     "d": "(d) DSNN sandwich",
     "e1": "(e1) DSNN all + distillation",
     "e2": "(e2) DSNN all + gradual schedule",
+    "f": "(f) DSNN all + distillation + gradual",
 }
 console = Console(width=140)
 
@@ -100,9 +102,9 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
         if name != "a":
             extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1,
                                                   "loss_weights": args.loss_weights}}
-            if name == "e1":
+            if name in ("e1", "f"):
                 extra["distillation"] = {"enabled": True, "weight": args.distill_weight, "temperature": 1.0}
-            if name == "e2":
+            if name in ("e2", "f"):
                 extra["schedule"] = {"enabled": True, "initial_fraction": 0.0, "start_step": 0,
                                      "end_step": max(2, args.steps * 2 // 3),
                                      "update_every": max(1, args.steps // 20)}
@@ -127,14 +129,14 @@ def bar_check(results: dict[str, dict[str, Any]], levels: list[float]) -> list[s
     wer = {k: {e["level"]: e["wer"] for e in r["levels"]} for k, r in results.items()}
     levels = [0.0, *levels]  # the bar holds at every level, dense included
     lines = []
-    for candidate in ("c", "d"):
+    for candidate in ("c", "d", "e1", "e2", "f"):  # the bar names c and d; the e/f variants are the improvements
         if candidate not in wer:
             continue
         ok = all(wer[candidate][lv] <= wer["b"][lv] * 1.03 + 1e-12 for lv in levels)
         worst = max(wer[candidate][lv] / max(wer["b"][lv], 1e-12) - 1 for lv in levels)
         lines.append(f"{LABELS[candidate]} within 3 % relative of (b) at every level: {'YES' if ok else 'NO'} "
                      f"(worst {100 * worst:+.1f} % relative)")
-    dsnn = [k for k in ("c", "d", "e1", "e2") if k in wer]
+    dsnn = [k for k in ("c", "d", "e1", "e2", "f") if k in wer]
     if dsnn:
         sparsest = levels[-1]
         best = min(dsnn, key=lambda k: wer[k][sparsest])
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seed": args.seed, "baseline": str(args.baseline), "test": str(args.test)}
         target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     results = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("*.json")) if p.stem in VARIANTS}
-    table = Table(title=f"WER % on {args.test} (K = {args.steps} steps)", title_justify="left")
+    table = Table(title=f"WER % (CER %) on {args.test} (K = {args.steps} steps)", title_justify="left")
     for column in ("variant", "dense", *[f"{lv:g}" for lv in levels], "wall s", "fwd/bwd passes"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     markdown = ["| variant | dense | " + " | ".join(f"{lv:g}" for lv in levels) + " | wall s | fwd/bwd passes |",
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in results:
             continue
         r = results[name]
-        cells = [f"{100 * e['wer']:.2f}" for e in r["levels"]]
+        cells = [f"{100 * e['wer']:.2f} ({100 * e['cer']:.1f})" for e in r["levels"]]
         table.add_row(r["label"], *cells, f"{r['seconds']:.0f}", str(r["forward_backward_passes"]))
         markdown.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} | "
                         f"{r['forward_backward_passes']} |")
