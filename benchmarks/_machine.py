@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,20 @@ def wait_for_idle(max_wait: float, err: Any = None, threshold: float = 0.1) -> f
         if err is not None and not warned:
             err.print(f"[yellow]other processes use {load:.0%} of the CPUs; waiting up to {max_wait:.0f} s[/]")
             warned = True
+
+
+def machine_env() -> dict[str, Any]:
+    """When and on what a benchmark ran: UTC date, Python, torch and its threads, CPU count and model."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else ""
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+    }

@@ -37,14 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,7 @@ from dsnn_compress.models.registry import new_adapter
 from dsnn_compress.train import _Runner, sample_levels, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import Interference, wait_for_idle  # noqa: E402
+from _machine import Interference, machine_env, wait_for_idle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "tests" / "data" / "manifest.jsonl"
@@ -233,16 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    env = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu,
-    }
+    env = machine_env()
     err.print(f"[dim]part 1: step cost of conformer-ctc {args.size}, {args.repeats} rounds ...[/]")
     steps = measure_steps(args.size, levels, args.batch, args.repeats, args.warmup, err, args.idle_wait)
     table = Table(title=f"one optimizer step, conformer-ctc {args.size} ({steps['params'] / 1e6:.2f}M params), "

@@ -49,6 +49,7 @@ from dsnn_compress.safetensors_io import write_safetensors
 from dsnn_compress.sparsity import attach
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_env  # noqa: E402
 from switching import CAN_DROP_CACHE, SETTINGS, _drop_page_cache, linear_stack, timeit  # noqa: E402
 
 LEVELS = (0.5, 0.7, 0.9)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]warning: other processes used up to {max(loads):.0%} of the CPUs during a "
                       "measurement; rerun on a quiet machine.[/]")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"env": machine_env(), "results": results}, indent=2) + "\n")
     return 0
 
 

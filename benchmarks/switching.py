@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ from dsnn_compress.selection import select_prunable
 from dsnn_compress.sparsity import attach, masked_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import Interference, wait_for_idle  # noqa: E402
+from _machine import Interference, machine_env, wait_for_idle  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Interference from other processes (the benchmark machine may be shared)
@@ -301,13 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True)
     torch.manual_seed(0)
-    env = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+    env = machine_env()
     cases = []
     if not args.skip_conformer:
         cases.append(conformer_or_fallback(args.conformer_size, args.batch, args.frames))

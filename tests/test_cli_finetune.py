@@ -24,12 +24,7 @@ TINY = ROOT / "recipes" / "tiny-test.yaml"
 CPU = ["--set", "training.device=cpu", "--set", "data.spec_augment=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -94,13 +94,7 @@ def build_hf_dir(directory: Path, kind: str, seed: int = 0) -> Path:
     return directory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: tiny models run faster so, and the timings do not suffer when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

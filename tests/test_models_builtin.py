@@ -39,13 +39,7 @@ TINY = {
 FAMILY_NAMES = sorted(TINY)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest (and stay fast on a busy 2-core machine) on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ceil_div(a: int, b: int) -> int:

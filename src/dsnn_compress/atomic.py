@@ -18,12 +18,17 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
         raise UsageError(f"output {out} is a directory", "give a file name")
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists", "pass --force to overwrite it or choose another path")
+    check_output_parent(out)
+    return out
+
+
+def check_output_parent(out: Path) -> None:
+    """The directory ``out`` will be written into must exist and be writable."""
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
+    if not parent.is_dir():
         raise UsageError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK):
         raise DsnnError(f"output directory {parent} is not writable", "choose a writable location")
-    return out
 
 
 @contextlib.contextmanager

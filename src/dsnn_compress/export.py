@@ -6,13 +6,12 @@ import contextlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output_parent
 from .bundle import Bundle
 from .errors import DsnnError, UsageError
 from .safetensors_io import write_safetensors
@@ -43,11 +42,7 @@ def check_output_dir(path: str | Path, force: bool = False) -> Path:
     out = Path(path)
     if (out.exists() or out.is_symlink()) and not force:
         raise UsageError(f"output {out} already exists", "pass --force to replace it or choose another path")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output directory {parent} does not exist", "create it first")
-    if not os.access(parent, os.W_OK):
-        raise DsnnError(f"output directory {parent} is not writable", "choose a writable location")
+    check_output_parent(out)
     return out
 # --- end hf-ctc
 
