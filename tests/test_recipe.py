@@ -194,6 +194,10 @@ def test_wrong_type_names_the_key(data: dict, key: str):
         (with_data(schedule={"start_step": -1}), "schedule.start_step", "non-negative"),
         (with_data(schedule={"update_every": 0}), "schedule.update_every", "positive"),
         (with_data(schedule={"start_step": 10, "end_step": 10}), "schedule.end_step", "> schedule.start_step"),
+        (with_data(schedule={"enabled": True, "end_step": 500}, training={"steps": 500}, levels=[0.5]),
+         "schedule.end_step", "must be before the last training step (training.steps: 500)"),
+        (with_data(schedule={"enabled": True}, training={"steps": 300}, levels=[0.5]), "training.steps",
+         "schedule.end_step (600) must be before the last training step (training.steps: 300)"),
         (with_data(lr_schedule={"warmup_steps": -1}), "lr_schedule.warmup_steps", "non-negative"),
         (with_data(lr_schedule={"min_lr_ratio": 1.5}), "lr_schedule.min_lr_ratio", "[0, 1]"),
         (with_data(training={"steps": 0}), "training.steps", "positive"),
@@ -208,6 +212,18 @@ def test_wrong_type_names_the_key(data: dict, key: str):
 def test_out_of_range_names_the_key(data: dict, key: str, fragment: str):
     message = error_of(data)
     assert key in message and fragment in message
+
+
+def test_gradual_schedule_defaults_fit_the_default_run_and_end_step_may_be_the_step_before_the_last():
+    default = recipe_from_dict(with_data(schedule={"enabled": True}, levels=[0.5]))
+    assert default.schedule.end_step < default.training.steps
+    tight = recipe_from_dict(with_data(schedule={"enabled": True, "end_step": 499}, training={"steps": 500},
+                                       levels=[0.5]))
+    assert tight.schedule.end_step == 499
+    with pytest.raises(UsageError) as info:
+        recipe_from_dict(with_data(schedule={"enabled": True, "end_step": 500}, training={"steps": 500},
+                                   levels=[0.5]))
+    assert "e.g. 333" in (info.value.hint or "")
 
 
 @pytest.mark.parametrize(

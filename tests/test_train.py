@@ -286,6 +286,30 @@ def test_gradual_schedule_ramps_and_ends_exactly_at_the_targets(tmp_path: Path):
     assert [round(v["prunable_sparsity"], 2) for v in summary] == [0.0, 0.5, 0.8]
 
 
+def test_keep_best_with_the_gradual_schedule_only_picks_steps_at_the_target_sparsity(tmp_path: Path):
+    # Dev WER is evaluated every step from step 1; the early, barely pruned steps would win on WER, but they do not
+    # hold the sparsities the bundle declares, so only evaluations after end_step may be kept.
+    recipe = tiny(tmp_path, **{"schedule.enabled": True, "schedule.start_step": 0, "schedule.end_step": 3,
+                               "schedule.update_every": 1, "training.steps": 6, "training.eval_every": 1,
+                               "training.keep": "best"})
+    evals: list[int] = []
+    result = finetune(recipe, report=lambda event, data: evals.append(data["step"]) if event == "eval" else None)
+    assert evals == [1, 2, 3, 4, 5, 6]
+    bundle = load_bundle(result.output)
+    assert bundle.metadata["training"]["best_step"] > 3
+    for name, code in bundle.codes.items():
+        for k, target in enumerate((0.5, 0.8), 1):
+            assert int((code < k).sum()) == round(target * code.numel()), (name, k)
+
+
+def test_gradual_schedule_ending_after_an_epochs_run_is_refused(tmp_path: Path):
+    recipe = tiny(tmp_path, **{"schedule.enabled": True, "schedule.end_step": 10_000, "training.steps": None,
+                               "training.epochs": 1})
+    with pytest.raises(UsageError, match=r"schedule.end_step \(10000\) must be before the last training step"):
+        finetune(recipe)
+    assert not recipe.output.exists()
+
+
 # ------------------------------------------------------------------------------------------------ level sampling
 
 

@@ -105,7 +105,7 @@ class PruningScheduleConfig:
     enabled: bool = False
     initial_fraction: float = 0.0
     start_step: int = 0
-    end_step: int = 1000
+    end_step: int = 600
     update_every: int = 100
 
 
@@ -670,6 +670,13 @@ def _cross_checks(recipe: Recipe, ctx: _Context) -> None:
             ("schedule.enabled", "levels"),
             f"schedule.enabled needs sparse levels, but {why}",
             "set levels, e.g. [0.5, 0.7, 0.9], or schedule.enabled: false",
+        )
+    if schedule.enabled and training.steps is not None and schedule.end_step >= training.steps:
+        ctx.fail(
+            ("schedule.end_step", "training.steps"),
+            f"schedule.end_step ({schedule.end_step}) must be before the last training step "
+            f"(training.steps: {training.steps}): the levels reach their target sparsity only after end_step",
+            f"set schedule.end_step below training.steps, e.g. {max(schedule.start_step + 1, training.steps * 2 // 3)}",
         )
     if recipe.distillation.enabled and no_levels:
         ctx.fail(

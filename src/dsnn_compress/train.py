@@ -460,6 +460,10 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
     if per_epoch == 0:
         raise DsnnError("the training data gives no batch", "use more data or a larger data.batch_frames")
     total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+    if recipe.schedule.enabled and recipe.schedule.end_step >= total_steps:
+        raise UsageError(f"schedule.end_step ({recipe.schedule.end_step}) must be before the last training step "
+                         f"({total_steps}): the levels reach their target sparsity only after end_step",
+                         "set schedule.end_step below the run's step count, or train for more epochs")
     dev = None
     if recipe.data.dev is not None:
         dev_utts = read_manifest(recipe.data.dev)
@@ -563,7 +567,10 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
                 _log(log_handle, record)
                 emit("eval", record)
                 mean = sum(last_dev) / len(last_dev)
-                if cfg.keep == "best" and (best is None or mean < best["metric"]):
+                # with the gradual schedule only steps after end_step run at the target sparsities; an earlier,
+                # less sparse step would win on dev WER but does not hold the levels the bundle declares
+                at_target = not recipe.schedule.enabled or step > recipe.schedule.end_step
+                if cfg.keep == "best" and at_target and (best is None or mean < best["metric"]):
                     best = {"metric": mean, "step": step, "dev_wer": list(last_dev),
                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                             "codes": {n: c.cpu().clone() for n, c in codes.items()}}
