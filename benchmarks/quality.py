@@ -18,7 +18,9 @@ or below b at the sparsest level), a Markdown summary and a plot are written.
 Usage:
   python benchmarks/quality.py --baseline runs/dense.safetensors --train TRAIN.jsonl --test TEST.jsonl \\
       --steps 600 --out bench-out/quality [--variants a,b,c,d,e1,e2] [--lr 3e-4] [--batch-frames 6000] \\
-      [--loss-weights 1,1,1,2] [--distill-weight 1.0]
+      [--loss-weights 1,1,1,2] [--distill-weight 1.0] [--b-levels 0.9]
+
+``--b-levels 0.9`` runs (b) at 0.9 only (the other (b) levels are reused from OUT/b/level-X.json when present).
 """
 
 from __future__ import annotations
@@ -76,42 +78,73 @@ def _progress(event: str, data: dict[str, Any]) -> None:
         console.print(f"  step {data['step']}: {losses} ({data['steps_per_s']:.2f} steps/s)", highlight=False)
 
 
-def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dict[str, Any]:
-    """Train (if needed) and evaluate one variant; returns its result record."""
+def run_single_level(level: float, args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
+    """Variant (b) at one level: prune to that level alone, fine-tune it for K steps, evaluate it.
+
+    Level 0 is the dense baseline fine-tuned for the same K steps (``levels: []``). A sparse level is a single-level
+    bundle trained with loss weight 0 on its dense level, so only the sparse level learns. The result is cached in
+    ``work/level-X.json``; a level that is neither cached nor listed in ``--b-levels`` is skipped (returns None).
+    """
+    cache = work / f"level-{level:g}.json"
+    if cache.exists() and not args.rerun:
+        return json.loads(cache.read_text())
+    if args.b_levels is not None and level not in args.b_levels:
+        return None
+    started = time.perf_counter()
+    output = work / f"ft-{level:g}.safetensors"
+    if level == 0.0:
+        passes = finetune(_recipe(args, args.baseline, output, levels=[]), force=True, report=_progress).forward_passes
+        entry = evaluate(output, args.test)["levels"][0]
+    else:
+        pruned = work / f"pruned-{level:g}.safetensors"
+        prune_checkpoint(args.baseline, [level], pruned)
+        recipe = _recipe(args, pruned, output, sampling={"mode": "all", "loss_weights": [0.0, 1.0]})
+        passes = finetune(recipe, force=True, report=_progress).forward_passes
+        entry = evaluate(output, args.test)["levels"][-1]
+    single = {"level": entry["level"], "wer": entry["wer"], "cer": entry["cer"], "passes": passes,
+              "seconds": round(time.perf_counter() - started, 1)}
+    cache.write_text(json.dumps(single, indent=2) + "\n", encoding="utf-8")
+    console.print(f"  (b) at {level:g}: WER {100 * single['wer']:.2f} % (CER {100 * single['cer']:.1f} %)")
+    return single
+
+
+def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dict[str, Any] | None:
+    """Train (if needed) and evaluate one variant; returns its result record (None: b not complete yet)."""
     work = args.out / name
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     passes = 0
     if name == "b":
-        # One model per level, each fine-tuned alone for K steps: the dense baseline itself (levels: [], so the
-        # dense level gets the same K extra steps as in the joint runs) and one single-level bundle per sparse level
-        # (loss weight 0 on its dense level, so only the sparse level is trained).
-        recipe = _recipe(args, args.baseline, work / "ft-0.safetensors", levels=[])
-        passes += finetune(recipe, force=True, report=_progress).forward_passes
-        entries = [evaluate(work / "ft-0.safetensors", args.test)["levels"][0]]
-        for level in levels:
-            prune_checkpoint(args.baseline, [level], work / f"pruned-{level:g}.safetensors")
-            recipe = _recipe(args, work / f"pruned-{level:g}.safetensors", work / f"ft-{level:g}.safetensors",
-                             sampling={"mode": "all", "loss_weights": [0.0, 1.0]})
-            passes += finetune(recipe, force=True, report=_progress).forward_passes
-            entries.append(evaluate(work / f"ft-{level:g}.safetensors", args.test)["levels"][-1])
-    else:
-        bundle = work / "pruned.safetensors"
-        prune_checkpoint(args.baseline, levels, bundle)
-        model = bundle
-        if name != "a":
-            extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1,
-                                                  "loss_weights": args.loss_weights}}
-            if name in ("e1", "f"):
-                extra["distillation"] = {"enabled": True, "weight": args.distill_weight, "temperature": 1.0}
-            if name in ("e2", "f"):
-                extra["schedule"] = {"enabled": True, "initial_fraction": 0.0, "start_step": 0,
-                                     "end_step": max(2, args.steps * 2 // 3),
-                                     "update_every": max(1, args.steps // 20)}
-            model = work / "dsnn.safetensors"
-            result = finetune(_recipe(args, bundle, model, **extra), force=True, report=_progress)
-            passes = result.forward_passes
-        entries = evaluate(model, args.test)["levels"]
+        # One model per level, each fine-tuned alone for K steps. Each level is cached on its own (OUT/b/level-X.json)
+        # so the single-sparsity runs can be done in pieces (--b-levels); b.json is written once all are there.
+        singles = [run_single_level(level, args, work) for level in [0.0, *levels]]
+        entries = [single for single in singles if single is not None]
+        if len(entries) < len(singles):
+            return None
+        return {
+            "variant": name,
+            "label": LABELS[name],
+            "steps": args.steps,
+            "seconds": round(sum(e["seconds"] for e in entries), 1),
+            "forward_backward_passes": sum(e["passes"] for e in entries),
+            "levels": [{"level": e["level"], "wer": e["wer"], "cer": e["cer"]} for e in entries],
+        }
+    bundle = work / "pruned.safetensors"
+    prune_checkpoint(args.baseline, levels, bundle)
+    model = bundle
+    if name != "a":
+        extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1,
+                                              "loss_weights": args.loss_weights}}
+        if name in ("e1", "f"):
+            extra["distillation"] = {"enabled": True, "weight": args.distill_weight, "temperature": 1.0}
+        if name in ("e2", "f"):
+            extra["schedule"] = {"enabled": True, "initial_fraction": 0.0, "start_step": 0,
+                                 "end_step": max(2, args.steps * 2 // 3),
+                                 "update_every": max(1, args.steps // 20)}
+        model = work / "dsnn.safetensors"
+        result = finetune(_recipe(args, bundle, model, **extra), force=True, report=_progress)
+        passes = result.forward_passes
+    entries = evaluate(model, args.test)["levels"]
     return {
         "variant": name,
         "label": LABELS[name],
@@ -163,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out/quality"))
     parser.add_argument("--rerun", action="store_true", help="recompute variants that already have results")
+    parser.add_argument("--b-levels", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                        help="b: fine-tune only these levels now (0 = dense); the others are reused if cached")
     args = parser.parse_args(argv)
     levels = [float(v) for v in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         console.print(f"[bold]{LABELS[name]}[/bold]")
         result = run_variant(name, args, levels)
+        if result is None:
+            done = sorted(p.stem for p in (args.out / name).glob("level-*.json"))
+            console.print(f"{LABELS[name]}: incomplete ({', '.join(done) or 'no level'} done); not in the table yet")
+            continue
         result["config"] = {"steps": args.steps, "lr": args.lr, "batch_frames": args.batch_frames,
                             "loss_weights": args.loss_weights, "distill_weight": args.distill_weight,
                             "seed": args.seed, "baseline": str(args.baseline), "test": str(args.test)}
