@@ -41,12 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import Interference, wait_for_idle  # noqa: E402
+from _machine import Interference, machine_env, wait_for_idle  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 TARGET_RSS_RATIO = 2.5
@@ -276,17 +275,8 @@ def _median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "mem_total_gib": _mem_total_gib(),
-    }
+    """The shared benchmark environment record plus the machine architecture and total memory."""
+    return {**machine_env(), "machine": platform.machine(), "mem_total_gib": _mem_total_gib()}
 
 
 def _mem_total_gib() -> float | None:

@@ -112,8 +112,6 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
     """Train (if needed) and evaluate one variant; returns its result record (None: b not complete yet)."""
     work = args.out / name
     work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    passes = 0
     if name == "b":
         # One model per level, each fine-tuned alone for K steps. Each level is cached on its own (OUT/b/level-X.json)
         # so the single-sparsity runs can be done in pieces (--b-levels); b.json is written once all are there.
@@ -129,6 +127,8 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
             "forward_backward_passes": sum(e["passes"] for e in entries),
             "levels": [{"level": e["level"], "wer": e["wer"], "cer": e["cer"]} for e in entries],
         }
+    started = time.perf_counter()
+    passes = 0
     bundle = work / "pruned.safetensors"
     prune_checkpoint(args.baseline, levels, bundle)
     model = bundle
