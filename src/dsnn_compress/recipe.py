@@ -641,6 +641,12 @@ def _build(data: Any, ctx: _Context, source: Path | None) -> Recipe:
     return recipe
 
 
+def schedule_end_too_late(end_step: int, last_step: str) -> str:
+    """The message for a gradual schedule whose end_step is not before the run's last step (``last_step``)."""
+    return (f"schedule.end_step ({end_step}) must be before the last training step ({last_step}): "
+            "the levels reach their target sparsity only after end_step")
+
+
 def _cross_checks(recipe: Recipe, ctx: _Context) -> None:
     training = recipe.training
     if training.steps is not None and training.epochs is not None:
@@ -674,8 +680,7 @@ def _cross_checks(recipe: Recipe, ctx: _Context) -> None:
     if schedule.enabled and training.steps is not None and schedule.end_step >= training.steps:
         ctx.fail(
             ("schedule.end_step", "training.steps"),
-            f"schedule.end_step ({schedule.end_step}) must be before the last training step "
-            f"(training.steps: {training.steps}): the levels reach their target sparsity only after end_step",
+            schedule_end_too_late(schedule.end_step, f"training.steps: {training.steps}"),
             f"set schedule.end_step below training.steps, e.g. {max(schedule.start_step + 1, training.steps * 2 // 3)}",
         )
     if recipe.distillation.enabled and no_levels:

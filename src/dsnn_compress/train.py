@@ -43,7 +43,7 @@ from .evaluate import prepare_data
 from .loading import read_safetensors_metadata
 from .masks import codes_at_sparsities, compute_codes
 from .models.base import ModelAdapter
-from .recipe import Recipe
+from .recipe import Recipe, schedule_end_too_late
 from .schedule import lr_at, scheduled_levels, should_update_codes
 from .scoring import word_errors
 from .selection import select_prunable
@@ -461,8 +461,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         raise DsnnError("the training data gives no batch", "use more data or a larger data.batch_frames")
     total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
     if recipe.schedule.enabled and recipe.schedule.end_step >= total_steps:
-        raise UsageError(f"schedule.end_step ({recipe.schedule.end_step}) must be before the last training step "
-                         f"({total_steps}): the levels reach their target sparsity only after end_step",
+        raise UsageError(schedule_end_too_late(recipe.schedule.end_step, str(total_steps)),
                          "set schedule.end_step below the run's step count, or train for more epochs")
     dev = None
     if recipe.data.dev is not None:
