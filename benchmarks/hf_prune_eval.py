@@ -89,8 +89,8 @@ def _peak_rss() -> int:
 
 
 def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str, Any]:
-    from dsnn_compress.bundle import save_bundle
-    from dsnn_compress.checkpoint import load_source
+    from dsnn_compress.core.bundle import save_bundle
+    from dsnn_compress.sources.files import load_source
     from dsnn_compress.prune import build_bundle
 
     start = time.perf_counter()
@@ -112,7 +112,7 @@ def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str,
 
 
 def child_evaluate(bundle: Path, data: Path) -> dict[str, Any]:
-    from dsnn_compress.evaluate import evaluate
+    from dsnn_compress.evaluation.evaluate import evaluate
 
     start = time.perf_counter()
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC  # noqa: F401

@@ -13,7 +13,7 @@ RSS (``ru_maxrss`` of the child) belongs to that measurement alone:
   nothing and keeps no result (each pruned module is dropped right after its call), which favours it in both time
   and memory.
 
-Both sides prune the same tensors (the name rules of :func:`dsnn_compress.selection.is_default_prunable`: weight
+Both sides prune the same tensors (the name rules of :func:`dsnn_compress.core.selection.is_default_prunable`: weight
 matrices, not biases). Wall times are measured inside the child (interpreter start and imports excluded); the
 checkpoint was just written, so it is read from a warm page cache by both sides. The machine may be shared: each
 run first waits (``--idle-wait``) until other processes are quiet, and the CPU share they used during the run is
@@ -201,7 +201,7 @@ def child_baseline(src: Path, levels: list[float], allocation: str) -> dict[str,
     from safetensors.torch import load_file
     from torch.nn.utils import prune
 
-    from dsnn_compress.selection import select_prunable
+    from dsnn_compress.core.selection import select_prunable
 
     class Holder(torch.nn.Module):
         def __init__(self, weight: torch.Tensor) -> None:
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from dsnn_compress.masks import parse_levels
+    from dsnn_compress.core.masks import parse_levels
 
     levels = list(parse_levels(args.levels))
     if args.child == "ours":

@@ -35,11 +35,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dsnn_compress.evaluate import evaluate
-from dsnn_compress.plot import plot_wer
+from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.report.plot import plot_wer
 from dsnn_compress.prune import prune_checkpoint
-from dsnn_compress.recipe import recipe_from_dict
-from dsnn_compress.train import finetune
+from dsnn_compress.training.recipe import recipe_from_dict
+from dsnn_compress.training.trainer import finetune
 
 VARIANTS = ("a", "b", "c", "d", "e1", "e2", "f")
 LABELS = {

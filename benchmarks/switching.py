@@ -1,6 +1,6 @@
 """Benchmark: the two runtime designs for switching sparsity levels, plus loading a per-level checkpoint.
 
-Designs (see ``dsnn_compress.sparsity``):
+Designs (see ``dsnn_compress.core.sparsity``):
 
 * **in-place** (``DynamicSparsity.set_level``): a switch writes ``dense * mask`` into the parameters once (it costs
   one pass over the pruned weights); every forward afterwards is a plain forward. Extra memory: a dense copy of the
@@ -41,10 +41,10 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dsnn_compress.bundle import Bundle
-from dsnn_compress.masks import compute_codes, parse_levels
-from dsnn_compress.selection import select_prunable
-from dsnn_compress.sparsity import attach, masked_parameters
+from dsnn_compress.core.bundle import Bundle
+from dsnn_compress.core.masks import compute_codes, parse_levels
+from dsnn_compress.core.selection import select_prunable
+from dsnn_compress.core.sparsity import attach, masked_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Interference, machine_env, wait_for_idle  # noqa: E402

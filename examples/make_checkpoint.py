@@ -10,7 +10,7 @@ import sys
 import torch
 from torch import nn
 
-from dsnn_compress.safetensors_io import write_safetensors
+from dsnn_compress.core.safetensors_io import write_safetensors
 
 
 class TinyASR(nn.Module):

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dsnn_compress.bundle import load_bundle
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.batch import pad_batch
 from dsnn_compress.data.manifest import read_manifest

@@ -57,7 +57,7 @@ def oracle_codes(
 ) -> dict[str, np.ndarray]:
     """Reference keep codes by a plain stable sort: smallest ``|w|`` first, ties by stream position.
 
-    Independent of ``dsnn_compress.masks`` (no radix select); slow but exact for small tensors.
+    Independent of ``dsnn_compress.core.masks`` (no radix select); slow but exact for small tensors.
     """
     names = sorted(tensors)
     flats = {n: tensors[n].detach().float().abs().reshape(-1).numpy().astype(np.float64) for n in names}

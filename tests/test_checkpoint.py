@@ -13,7 +13,7 @@ import torch
 from helpers import random_state_dict, write_checkpoint
 from safetensors.torch import save_file
 
-from dsnn_compress.checkpoint import load_source
+from dsnn_compress.sources.files import load_source
 from dsnn_compress.errors import DsnnError
 
 

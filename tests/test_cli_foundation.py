@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsnn_compress import __version__
-from dsnn_compress.bundle import load_bundle
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
 
 LEVELS = "0.5,0.7,0.9"

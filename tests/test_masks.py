@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dsnn_compress.errors import DsnnError, UsageError
-from dsnn_compress.masks import (
+from dsnn_compress.core.masks import (
     code_bits,
     compute_codes,
     level_mask,

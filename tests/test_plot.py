@@ -9,7 +9,7 @@ import pytest
 
 from dsnn_compress.cli import main
 from dsnn_compress.errors import DsnnError
-from dsnn_compress.plot import plot_wer, read_report
+from dsnn_compress.report.plot import plot_wer, read_report
 
 REPORT = {"levels": [{"level": 0.0, "wer": 0.2}, {"level": 0.5, "wer": 0.25}, {"level": 0.9, "wer": 0.6}]}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dsnn_compress.errors import EXIT_USAGE, UsageError
-from dsnn_compress.recipe import (
+from dsnn_compress.training.recipe import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,

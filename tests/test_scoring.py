@@ -7,7 +7,7 @@ import random
 import jiwer
 import pytest
 
-from dsnn_compress.scoring import ErrorCounts, char_errors, word_errors
+from dsnn_compress.evaluation.scoring import ErrorCounts, char_errors, word_errors
 
 
 def counts(c: ErrorCounts) -> tuple[int, int, int, int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsnn_compress.errors import UsageError
-from dsnn_compress.selection import is_default_prunable, select_prunable
+from dsnn_compress.core.selection import is_default_prunable, select_prunable
 
 SHAPES: dict[str, tuple[int, ...]] = {
     # conformer-like

@@ -23,18 +23,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsnn_compress import train
-from dsnn_compress.bundle import load_bundle
+from dsnn_compress.training import trainer as train
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
-from dsnn_compress.evaluate import evaluate
-from dsnn_compress.loading import load_model
+from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.sources.runnable import load_model
 from dsnn_compress.models.registry import adapter_from_metadata
-from dsnn_compress.recipe import Recipe, apply_overrides, load_recipe
-from dsnn_compress.sparsity import masked_parameters
-from dsnn_compress.train import (
+from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe
+from dsnn_compress.core.sparsity import masked_parameters
+from dsnn_compress.training.trainer import (
     _Runner,
     build_model,
     distillation_loss,
@@ -498,7 +498,7 @@ def test_dense_training_writes_an_evaluable_checkpoint(tmp_path: Path, capsys: p
     recipe = tiny(tmp_path, "dense", levels=[], training__steps=2)
     result = finetune(recipe)
     assert result.levels == ()
-    from dsnn_compress.loading import read_safetensors_metadata
+    from dsnn_compress.sources.runnable import read_safetensors_metadata
 
     meta = read_safetensors_metadata(result.output)
     assert meta["format"] == "dsnn-checkpoint"

@@ -17,7 +17,7 @@ from asr_fixtures import (  # noqa: F401 - tiny_model and one_torch_thread are f
 
 from dsnn_compress.cli import main
 from dsnn_compress.errors import UsageError
-from dsnn_compress.transcribe import transcribe
+from dsnn_compress.evaluation.transcribe import transcribe
 
 FILES = [audio_files()[i] for i in (0, 6, 7)]  # one OGG and two FLAC files
 

@@ -80,11 +80,11 @@ def prune(
 ) -> None:
     """Rank weights once and write one bundle holding every nested sparsity level."""
     from .atomic import check_output_path
-    from .bundle import save_bundle
-    from .checkpoint import load_source
-    from .masks import ALLOCATIONS, parse_levels
+    from .core.bundle import save_bundle
+    from .sources.files import load_source
+    from .core.masks import ALLOCATIONS, parse_levels
     from .prune import build_bundle
-    from .report import inspect_report, levels_table, to_json
+    from .report.tables import inspect_report, levels_table, to_json
 
     level_values = parse_levels(levels)
     if allocation not in ALLOCATIONS:
@@ -118,8 +118,8 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show levels, achieved sparsity and what was pruned."""
-    from .bundle import load_bundle
-    from .report import inspect_report, print_inspect, to_json
+    from .core.bundle import load_bundle
+    from .report.tables import inspect_report, print_inspect, to_json
 
     bundle = load_bundle(bundle_path)
     report = inspect_report(bundle, bundle_path.stat().st_size)
@@ -144,8 +144,8 @@ def export(
 ) -> None:
     """Write a level as a plain state dict, a self-describing checkpoint, ONNX or a Hugging Face directory."""
     from .atomic import check_output_path
-    from .bundle import load_bundle, parse_level
-    from .export import check_output_dir, export_levels, infer_format, level_output_path
+    from .core.bundle import load_bundle, parse_level
+    from .export.formats import check_output_dir, export_levels, infer_format, level_output_path
 
     every = level.strip().lower() == "all"
     if not every:
@@ -200,10 +200,10 @@ def evaluate(
                                                                              "same plot (repeatable).")] = None,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
-    from .evaluate import check_gates, gate_failure, parse_gate
-    from .evaluate import evaluate as run_evaluate
-    from .plot import plot_wer, read_report
-    from .report import evaluation_markdown, evaluation_table, to_json
+    from .evaluation.evaluate import check_gates, gate_failure, parse_gate
+    from .evaluation.evaluate import evaluate as run_evaluate
+    from .report.plot import plot_wer, read_report
+    from .report.tables import evaluation_markdown, evaluation_table, to_json
 
     earlier = [(path.stem, read_report(path)) for path in plot_with or []]
     if plot_with and plot is None:
@@ -245,8 +245,8 @@ def transcribe(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
-    from .report import to_json
-    from .transcribe import transcribe as run_transcribe
+    from .report.tables import to_json
+    from .evaluation.transcribe import transcribe as run_transcribe
 
     results = run_transcribe(model, audio, level)
     if json_out:
@@ -278,11 +278,11 @@ def finetune(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
-    from .masks import parse_levels
-    from .recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
-    from .report import to_json
-    from .train import finetune as run_finetune
-    from .train_display import TrainingDisplay
+    from .core.masks import parse_levels
+    from .training.recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
+    from .report.tables import to_json
+    from .training.trainer import finetune as run_finetune
+    from .training.display import TrainingDisplay
 
     overrides: dict[str, object] = {}
     for item in set_values or []:
@@ -332,9 +332,9 @@ def demo(
     from rich.table import Table
 
     from .demo import comparison_rows, run_demo
-    from .masks import parse_levels
-    from .report import to_json
-    from .train_display import TrainingDisplay
+    from .core.masks import parse_levels
+    from .report.tables import to_json
+    from .training.display import TrainingDisplay
 
     level_values = parse_levels(levels)
     with TrainingDisplay(json_mode=json_out) as display:

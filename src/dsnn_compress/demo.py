@@ -42,12 +42,12 @@ def run_demo(
     stage: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the whole flow into ``out_dir``: bundle, fine-tuned bundle, reports, per-level checkpoints."""
-    from .bundle import load_bundle
-    from .evaluate import evaluate
-    from .export import export_levels, level_output_path
+    from .core.bundle import load_bundle
+    from .evaluation.evaluate import evaluate
+    from .export.formats import export_levels, level_output_path
     from .prune import prune_checkpoint
-    from .recipe import recipe_from_dict
-    from .train import finetune
+    from .training.recipe import recipe_from_dict
+    from .training.trainer import finetune
 
     assets = demo_assets()
     model = assets / "model.safetensors"
@@ -99,7 +99,7 @@ def run_demo(
     oneshot = evaluate(files["pruned bundle"], eval_manifest)
     finetuned = evaluate(files["fine-tuned bundle"], eval_manifest)
     seconds["evaluate"] = time.perf_counter() - clock
-    from .report import evaluation_markdown, to_json
+    from .report.tables import evaluation_markdown, to_json
 
     files["report (JSON)"] = out / "report.json"
     files["report (Markdown)"] = out / "report.md"

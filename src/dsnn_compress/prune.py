@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .bundle import Bundle, save_bundle
-from .checkpoint import SourceCheckpoint, load_source
-from .masks import compute_codes, validate_levels
-from .selection import select_prunable
+from .core.bundle import Bundle, save_bundle
+from .sources.files import SourceCheckpoint, load_source
+from .core.masks import compute_codes, validate_levels
+from .core.selection import select_prunable
 
 
 def source_model_metadata(source: SourceCheckpoint) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import DsnnError
+from ..errors import DsnnError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_WEIGHT_FILES = (

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 HEAD_NAMES = frozenset({"lm_head", "proj_out", "ctc", "ctc_head", "ctc_proj", "output", "classifier", "head"})
 """Module names treated as the output/CTC head (matched against the module that owns the weight)."""

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from .bundle import Bundle
-from .errors import DsnnError
+from ..errors import DsnnError
 
 
 class DynamicSparsity:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .recipe import LRScheduleConfig, PruningScheduleConfig
+from ..training.recipe import LRScheduleConfig, PruningScheduleConfig
 
 
 def cubic_fraction(step: int, start_step: int, end_step: int, initial_fraction: float = 0.0) -> float:

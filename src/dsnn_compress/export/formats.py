@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, check_output_parent
-from .bundle import Bundle
-from .errors import DsnnError, UsageError
-from .safetensors_io import write_safetensors
+from ..atomic import atomic_path, check_output_parent
+from ..core.bundle import Bundle
+from ..errors import DsnnError, UsageError
+from ..core.safetensors_io import write_safetensors
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf")
 """``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn
@@ -54,7 +54,7 @@ def level_output_path(output: Path, level: float) -> Path:
 
 
 def _adapter_at(bundle: Bundle, level: float | str):  # noqa: ANN202 - a ModelAdapter
-    from .models.registry import adapter_from_metadata
+    from ..models.registry import adapter_from_metadata
 
     meta = bundle.metadata.get("model")
     if not isinstance(meta, dict):
@@ -106,7 +106,7 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         with atomic_path(out) as tmp:
             torch.save(bundle.state_dict_at(value), tmp)
     elif fmt == "checkpoint":
-        from .models.registry import save_checkpoint
+        from ..models.registry import save_checkpoint
 
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
@@ -116,7 +116,7 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         if adapter.family != "hf-ctc":
             raise UsageError(f"--format hf writes Hugging Face models, but this bundle holds a {adapter.family} model",
                              "use --format checkpoint, safetensors, torch or onnx")
-        from .models.hf_ctc import save_hf_directory
+        from ..models.hf_ctc import save_hf_directory
 
         save_hf_directory(adapter, out, level=value)
     else:

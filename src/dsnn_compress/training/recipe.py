@@ -29,10 +29,10 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .data.text import NORMALIZERS
-from .errors import UsageError
-from .masks import ALLOCATIONS, validate_levels
-from .models.registry import FAMILIES, family_names
+from ..data.text import NORMALIZERS
+from ..errors import UsageError
+from ..core.masks import ALLOCATIONS, validate_levels
+from ..models.registry import FAMILIES, family_names
 
 SAMPLING_MODES = ("all", "sandwich")
 """``sampling.mode`` choices: train every level each step, or dense + sparsest + k random middle levels."""

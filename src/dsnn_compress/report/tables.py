@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .bundle import Bundle
+from ..core.bundle import Bundle
 
 
 def human_bytes(num: float) -> str:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
-from .errors import DsnnError
+from ..atomic import atomic_path
+from ..errors import DsnnError
 
 
 def read_report(path: str | Path) -> dict[str, Any]:

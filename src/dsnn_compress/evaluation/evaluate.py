@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .bundle import parse_level
-from .data.audio import load_audio
-from .data.batch import pad_batch
-from .data.dataset import bucket_batches
-from .data.manifest import Utterance, read_manifest
-from .data.text import get_normalizer, normalize_text
-from .errors import DsnnError, GateError, UsageError
-from .loading import LoadedModel, load_model
+from .. import __version__
+from ..core.bundle import parse_level
+from ..data.audio import load_audio
+from ..data.batch import pad_batch
+from ..data.dataset import bucket_batches
+from ..data.manifest import Utterance, read_manifest
+from ..data.text import get_normalizer, normalize_text
+from ..errors import DsnnError, GateError, UsageError
+from ..sources.runnable import LoadedModel, load_model
 from .scoring import char_errors, word_errors
 
 REPORT_SCHEMA = "dsnn-evaluate/1"

@@ -30,24 +30,24 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .atomic import atomic_path
-from .bundle import Bundle, load_bundle, save_bundle
-from .data.batch import Batch
-from .data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
-from .data.features import spec_augment
-from .data.manifest import read_manifest
-from .data.text import CharTokenizer, normalize_text
-from .errors import DsnnError, UsageError
-from .evaluate import prepare_data
-from .loading import read_safetensors_metadata
-from .masks import codes_at_sparsities, compute_codes
-from .models.base import ModelAdapter
+from .. import __version__
+from ..atomic import atomic_path
+from ..core.bundle import Bundle, load_bundle, save_bundle
+from ..data.batch import Batch
+from ..data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
+from ..data.features import spec_augment
+from ..data.manifest import read_manifest
+from ..data.text import CharTokenizer, normalize_text
+from ..errors import DsnnError, UsageError
+from ..evaluation.evaluate import prepare_data
+from ..sources.runnable import read_safetensors_metadata
+from ..core.masks import codes_at_sparsities, compute_codes
+from ..models.base import ModelAdapter
 from .recipe import Recipe, schedule_end_too_late
-from .schedule import lr_at, scheduled_levels, should_update_codes
-from .scoring import word_errors
-from .selection import select_prunable
-from .sparsity import masked_parameters
+from ..core.schedule import lr_at, scheduled_levels, should_update_codes
+from ..evaluation.scoring import word_errors
+from ..core.selection import select_prunable
+from ..core.sparsity import masked_parameters
 
 STATE_VERSION = 1
 
@@ -148,8 +148,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(recipe: Recipe) -> ModelSetup:
     """Create or load the model named by the recipe and its initial codes."""
-    from .checkpoint import sha256_file
-    from .models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
+    from ..sources.files import sha256_file
+    from ..models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
 
     init = recipe.model.init
     levels: tuple[float, ...] = tuple(recipe.levels or ())
@@ -164,8 +164,8 @@ def build_model(recipe: Recipe) -> ModelSetup:
         return ModelSetup(adapter, codes, levels, source)
     # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
     if Path(init).is_dir():
-        from .checkpoint import load_source
-        from .models.hf_ctc import adapter_from_source
+        from ..sources.files import load_source
+        from ..models.hf_ctc import adapter_from_source
 
         hf_source = load_source(init)
         adapter = adapter_from_source(hf_source, recipe.model.normalizer)
@@ -348,7 +348,7 @@ def _augment(batch: Batch, seed: int, step: int) -> Batch:
 def dev_wer(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], num_levels: int,
             dev: Any, batch_size: int = 16) -> list[float]:
     """Greedy WER per level on prepared dev data (model in eval mode for the duration)."""
-    from .data.batch import pad_batch
+    from ..data.batch import pad_batch
 
     adapter = runner._adapter
     normalizer = getattr(adapter, "normalizer", "default")
@@ -468,7 +468,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         dev_utts = read_manifest(recipe.data.dev)
         if recipe.data.max_dev_utterances:
             dev_utts = dev_utts[: recipe.data.max_dev_utterances]
-        from .loading import LoadedModel
+        from ..sources.runnable import LoadedModel
 
         dev = prepare_data(LoadedModel(adapter, Path(recipe.data.dev), "training"), dev_utts,
                            getattr(adapter, "normalizer", "default"), skip_bad=True)
@@ -708,7 +708,7 @@ def _write_output(recipe: Recipe, setup: ModelSetup, model: nn.Module, codes: di
                   output: Path, step: int, losses: dict[str, float], dev: list[float] | None,
                   dist_info: DistInfo, best_step: int | None = None) -> None:
     """Write the bundle (or, with no sparse levels, a dense dsnn checkpoint) atomically."""
-    from .models.registry import save_checkpoint
+    from ..models.registry import save_checkpoint
 
     training = {"steps": step, "final_loss": losses, "world_size": dist_info.world, "best_step": best_step,
                 "dev_wer": None if dev is None else {_level_key(setup.levels, i): w for i, w in enumerate(dev)}}

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data.audio import load_audio
+from ..data.audio import load_audio
 from .evaluate import transcribe_waveforms
-from .loading import load_model
+from ..sources.runnable import load_model
 
 
 def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float | str = 0.0) -> list[dict[str, Any]]:

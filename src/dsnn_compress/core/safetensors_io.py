@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import DsnnError
+from ..atomic import atomic_path
+from ..errors import DsnnError
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",

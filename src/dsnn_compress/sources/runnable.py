@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle, load_bundle
-from .errors import DsnnError, UsageError
-from .models.base import ModelAdapter
-from .sparsity import DynamicSparsity
+from ..core.bundle import Bundle, load_bundle
+from ..errors import DsnnError, UsageError
+from ..models.base import ModelAdapter
+from ..core.sparsity import DynamicSparsity
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LoadedModel:
         if self.sparsity is not None:
             self.sparsity.set_level(level)
             return
-        from .bundle import parse_level
+        from ..core.bundle import parse_level
 
         if parse_level(level) != 0.0:
             raise UsageError(f"{self.path} is a dense checkpoint with no level {level}",
@@ -50,7 +50,7 @@ class LoadedModel:
 
 def load_model(path: str | Path) -> LoadedModel:
     """Rebuild the model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode."""
-    from .models.registry import adapter_from_metadata, load_checkpoint_adapter
+    from ..models.registry import adapter_from_metadata, load_checkpoint_adapter
 
     src = Path(path)
     if not src.exists():

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import DsnnError, UsageError
+from ..errors import DsnnError, UsageError
 
 ALLOCATIONS = ("per-layer", "global")
 
