@@ -10,7 +10,8 @@ fixed batch (``--batch`` utterances of ``tests/data``, real log-mel features), o
 * **sandwich k=1**: dense + sparsest + one random middle level (3 passes);
 * **all + distillation**: ``all`` with in-place distillation from the dense level (weight 1, T = 1).
 
-Every step is what ``dsnn_compress.training.trainer.finetune`` does: ``zero_grad``, ``train_step`` (one backward per level on
+Every step is what ``dsnn_compress.training.trainer.finetune`` does: ``zero_grad``, ``train_step`` (one backward per
+level on
 the shared weights, sparse levels through ``masked_parameters`` + ``functional_call``), gradient clipping, AdamW.
 The modes are timed side by side - round-robin, one step of each mode per round - so drifting machine load hits
 all of them alike; ``--warmup`` rounds are dropped and the median of ``--repeats`` rounds is reported. The ratios
@@ -50,10 +51,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dsnn_compress.core.masks import compute_codes, parse_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
-from dsnn_compress.core.masks import compute_codes, parse_levels
 from dsnn_compress.models.registry import new_adapter
 from dsnn_compress.training.trainer import _Runner, sample_levels, train_step
 

@@ -90,8 +90,8 @@ def _peak_rss() -> int:
 
 def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str, Any]:
     from dsnn_compress.core.bundle import save_bundle
-    from dsnn_compress.sources.files import load_source
     from dsnn_compress.prune import build_bundle
+    from dsnn_compress.sources.files import load_source
 
     start = time.perf_counter()
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC  # noqa: F401 - timed on its own (lazy modules)

@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dsnn_compress.evaluation.evaluate import evaluate
-from dsnn_compress.report.plot import plot_wer
 from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.report.plot import plot_wer
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import finetune
 

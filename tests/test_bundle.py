@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsnn_compress.core.bundle import Bundle, load_bundle, parse_level, save_bundle
-from dsnn_compress.sources.files import load_source
-from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.core.masks import compute_codes, pack_codes, unpack_codes
-from dsnn_compress.prune import prune_checkpoint
 from dsnn_compress.core.safetensors_io import write_safetensors
+from dsnn_compress.errors import DsnnError, UsageError
+from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.sources.files import load_source
 
 LEVELS = (0.5, 0.7, 0.9)
 

@@ -13,8 +13,8 @@ import torch
 from helpers import random_state_dict, write_checkpoint
 from safetensors.torch import save_file
 
-from dsnn_compress.sources.files import load_source
 from dsnn_compress.errors import DsnnError
+from dsnn_compress.sources.files import load_source
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
 from dsnn_compress.models.registry import new_adapter, save_checkpoint

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsnn_compress import __version__
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
 
 LEVELS = "0.5,0.7,0.9"
 # Sizes of the default-pruned tensors of helpers.random_state_dict(): brain, conv, ff, half, hh, ih.

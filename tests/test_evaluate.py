@@ -27,15 +27,15 @@ from asr_fixtures import (  # noqa: F401 - tiny_model and one_torch_thread are f
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import normalize_text
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.scoring import char_errors, word_errors
 from dsnn_compress.models.builtin import BuiltinAdapter
 from dsnn_compress.prune import prune_checkpoint
-from dsnn_compress.evaluation.scoring import char_errors, word_errors
 
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped"}
 LEVEL_KEYS = {"level", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds", "processing_seconds",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.export.formats import export_level, export_levels, level_output_path
 from dsnn_compress.models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter, save_checkpoint

@@ -24,16 +24,16 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dsnn_compress.core.bundle import load_bundle  # noqa: E402
-from dsnn_compress.sources.files import load_source  # noqa: E402
 from dsnn_compress.cli import main  # noqa: E402
+from dsnn_compress.core.bundle import load_bundle  # noqa: E402
 from dsnn_compress.data.audio import load_audio  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError, UsageError  # noqa: E402
-from dsnn_compress.sources.runnable import load_model  # noqa: E402
 from dsnn_compress.models import hf_ctc  # noqa: E402
 from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
+from dsnn_compress.sources.files import load_source  # noqa: E402
+from dsnn_compress.sources.runnable import load_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"
@@ -477,7 +477,8 @@ def test_missing_transformers_gives_the_install_hint(models, tmp_path, capsys, m
 
 
 def test_importing_the_cli_does_not_import_transformers():
-    code = ("import sys, dsnn_compress.cli, dsnn_compress.prune, dsnn_compress.export.formats, dsnn_compress.models.hf_ctc; "
+    code = ("import sys, dsnn_compress.cli, dsnn_compress.prune, dsnn_compress.export.formats, "
+            "dsnn_compress.models.hf_ctc; "
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -11,7 +11,6 @@ from helpers import oracle_codes
 from torch import nn
 from torch.nn.utils import prune
 
-from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.core.masks import (
     code_bits,
     compute_codes,
@@ -23,6 +22,7 @@ from dsnn_compress.core.masks import (
     unpack_codes,
     validate_levels,
 )
+from dsnn_compress.errors import DsnnError, UsageError
 
 SHAPES = {
     "linear": (16, 24),

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dsnn_compress.training.recipe import LRScheduleConfig, PruningScheduleConfig
 from dsnn_compress.core.schedule import cubic_fraction, lr_at, scheduled_levels, should_update_codes
+from dsnn_compress.training.recipe import LRScheduleConfig, PruningScheduleConfig
 
 # ------------------------------------------------------------------------------------------------------- cubic
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsnn_compress.errors import UsageError
 from dsnn_compress.core.selection import is_default_prunable, select_prunable
+from dsnn_compress.errors import UsageError
 
 SHAPES: dict[str, tuple[int, ...]] = {
     # conformer-like

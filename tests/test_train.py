@@ -23,17 +23,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsnn_compress.training import trainer as train
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
+from dsnn_compress.core.sparsity import masked_parameters
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
-from dsnn_compress.sources.runnable import load_model
 from dsnn_compress.models.registry import adapter_from_metadata
+from dsnn_compress.sources.runnable import load_model
+from dsnn_compress.training import trainer as train
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe
-from dsnn_compress.core.sparsity import masked_parameters
 from dsnn_compress.training.trainer import (
     _Runner,
     build_model,

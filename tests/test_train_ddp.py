@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.cli import main
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import build_model
 

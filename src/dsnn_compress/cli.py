@@ -81,10 +81,10 @@ def prune(
     """Rank weights once and write one bundle holding every nested sparsity level."""
     from .atomic import check_output_path
     from .core.bundle import save_bundle
-    from .sources.files import load_source
     from .core.masks import ALLOCATIONS, parse_levels
     from .prune import build_bundle
     from .report.tables import inspect_report, levels_table, to_json
+    from .sources.files import load_source
 
     level_values = parse_levels(levels)
     if allocation not in ALLOCATIONS:
@@ -245,8 +245,8 @@ def transcribe(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
-    from .report.tables import to_json
     from .evaluation.transcribe import transcribe as run_transcribe
+    from .report.tables import to_json
 
     results = run_transcribe(model, audio, level)
     if json_out:
@@ -279,10 +279,10 @@ def finetune(
 ) -> None:
     """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
     from .core.masks import parse_levels
-    from .training.recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
     from .report.tables import to_json
-    from .training.trainer import finetune as run_finetune
     from .training.display import TrainingDisplay
+    from .training.recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
+    from .training.trainer import finetune as run_finetune
 
     overrides: dict[str, object] = {}
     for item in set_values or []:
@@ -331,8 +331,8 @@ def demo(
     """Prune, jointly fine-tune, evaluate and export the embedded model on embedded data, offline."""
     from rich.table import Table
 
-    from .demo import comparison_rows, run_demo
     from .core.masks import parse_levels
+    from .demo import comparison_rows, run_demo
     from .report.tables import to_json
     from .training.display import TrainingDisplay
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from . import __version__
 from .core.bundle import Bundle, save_bundle
-from .sources.files import SourceCheckpoint, load_source
 from .core.masks import compute_codes, validate_levels
 from .core.selection import select_prunable
+from .sources.files import SourceCheckpoint, load_source
 
 
 def source_model_metadata(source: SourceCheckpoint) -> dict[str, Any] | None:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..sources.files import read_safetensors
 from ..errors import DsnnError, UsageError
+from ..sources.files import read_safetensors
 from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes, validate_levels
 from .safetensors_io import write_safetensors
 

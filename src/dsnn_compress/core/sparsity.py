@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .bundle import Bundle
 from ..errors import DsnnError
+from .bundle import Bundle
 
 
 class DynamicSparsity:

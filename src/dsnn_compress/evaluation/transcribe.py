@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.audio import load_audio
-from .evaluate import transcribe_waveforms
 from ..sources.runnable import load_model
+from .evaluate import transcribe_waveforms
 
 
 def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float | str = 0.0) -> list[dict[str, Any]]:

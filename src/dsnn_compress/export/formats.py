@@ -13,8 +13,8 @@ import torch
 
 from ..atomic import atomic_path, check_output_parent
 from ..core.bundle import Bundle
-from ..errors import DsnnError, UsageError
 from ..core.safetensors_io import write_safetensors
+from ..errors import DsnnError, UsageError
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf")
 """``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.bundle import Bundle, load_bundle
+from ..core.sparsity import DynamicSparsity
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
-from ..core.sparsity import DynamicSparsity
 
 
 @dataclass

@@ -29,9 +29,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from ..core.masks import ALLOCATIONS, validate_levels
 from ..data.text import NORMALIZERS
 from ..errors import UsageError
-from ..core.masks import ALLOCATIONS, validate_levels
 from ..models.registry import FAMILIES, family_names
 
 SAMPLING_MODES = ("all", "sandwich")

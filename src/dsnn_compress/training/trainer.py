@@ -33,6 +33,10 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from ..atomic import atomic_path
 from ..core.bundle import Bundle, load_bundle, save_bundle
+from ..core.masks import codes_at_sparsities, compute_codes
+from ..core.schedule import lr_at, scheduled_levels, should_update_codes
+from ..core.selection import select_prunable
+from ..core.sparsity import masked_parameters
 from ..data.batch import Batch
 from ..data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
 from ..data.features import spec_augment
@@ -40,14 +44,10 @@ from ..data.manifest import read_manifest
 from ..data.text import CharTokenizer, normalize_text
 from ..errors import DsnnError, UsageError
 from ..evaluation.evaluate import prepare_data
-from ..sources.runnable import read_safetensors_metadata
-from ..core.masks import codes_at_sparsities, compute_codes
-from ..models.base import ModelAdapter
-from .recipe import Recipe, schedule_end_too_late
-from ..core.schedule import lr_at, scheduled_levels, should_update_codes
 from ..evaluation.scoring import word_errors
-from ..core.selection import select_prunable
-from ..core.sparsity import masked_parameters
+from ..models.base import ModelAdapter
+from ..sources.runnable import read_safetensors_metadata
+from .recipe import Recipe, schedule_end_too_late
 
 STATE_VERSION = 1
 
@@ -148,8 +148,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(recipe: Recipe) -> ModelSetup:
     """Create or load the model named by the recipe and its initial codes."""
-    from ..sources.files import sha256_file
     from ..models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
+    from ..sources.files import sha256_file
 
     init = recipe.model.init
     levels: tuple[float, ...] = tuple(recipe.levels or ())
@@ -164,8 +164,8 @@ def build_model(recipe: Recipe) -> ModelSetup:
         return ModelSetup(adapter, codes, levels, source)
     # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
     if Path(init).is_dir():
-        from ..sources.files import load_source
         from ..models.hf_ctc import adapter_from_source
+        from ..sources.files import load_source
 
         hf_source = load_source(init)
         adapter = adapter_from_source(hf_source, recipe.model.normalizer)
