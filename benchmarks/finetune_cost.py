@@ -11,8 +11,8 @@ fixed batch (``--batch`` utterances of ``tests/data``, real log-mel features), o
 * **all + distillation**: ``all`` with in-place distillation from the dense level (weight 1, T = 1).
 
 Every step is what ``dsnn_compress.training.trainer.finetune`` does: ``zero_grad``, ``train_step`` (one backward per
-level on
-the shared weights, sparse levels through ``masked_parameters`` + ``functional_call``), gradient clipping, AdamW.
+level on the shared weights, sparse levels through ``masked_parameters`` + ``functional_call``), gradient clipping,
+AdamW.
 The modes are timed side by side - round-robin, one step of each mode per round - so drifting machine load hits
 all of them alike; ``--warmup`` rounds are dropped and the median of ``--repeats`` rounds is reported. The ratios
 ``all / single`` and ``sandwich / single`` would be ``L + 1`` (4.0) and 3.0 if a step were nothing but its
