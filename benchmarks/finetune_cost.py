@@ -51,12 +51,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dsnn_compress.core.masked import train_step
 from dsnn_compress.core.masks import compute_codes, parse_levels
+from dsnn_compress.core.schedule import sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
+from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.models.registry import new_adapter
-from dsnn_compress.training.trainer import _Runner, sample_levels, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Interference, machine_env, wait_for_idle  # noqa: E402
@@ -94,7 +96,7 @@ def measure_steps(size: str, levels: tuple[float, ...], batch_size: int, repeats
     model = adapter.model.train()
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    runner = _Runner(adapter)
+    runner = AdapterRunner(adapter)
     num = len(levels)
     weights = [1.0] * (num + 1)
     counter = [0]

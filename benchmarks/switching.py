@@ -42,9 +42,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsnn_compress.core.bundle import Bundle
+from dsnn_compress.core.masked import masked_parameters
 from dsnn_compress.core.masks import compute_codes, parse_levels
 from dsnn_compress.core.selection import select_prunable
-from dsnn_compress.core.sparsity import attach, masked_parameters
+from dsnn_compress.core.sparsity import attach
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Interference, machine_env, wait_for_idle  # noqa: E402

@@ -291,7 +291,8 @@ def test_loss_is_the_models_ctc_loss_with_zero_infinity_and_mean(models):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_hf_matches_the_runtime_level(models, kind, tmp_path, capsys):
-    from dsnn_compress.training.trainer import _Runner, run_at_level
+    from dsnn_compress.core.masked import run_at_level
+    from dsnn_compress.models.base import AdapterRunner
 
     out_dir = tmp_path / "exported"
     code, _, err = run_cli(capsys, "export", models[kind]["bundle"], "--level", "0.9", "--format", "hf",
@@ -321,7 +322,7 @@ def test_export_hf_matches_the_runtime_level(models, kind, tmp_path, capsys):
     fresh = adapter_from_metadata(bundle.metadata["model"], bundle.tensors)
     params = dict(fresh.model.named_parameters())
     with torch.no_grad():
-        functional = run_at_level(_Runner(fresh), params, bundle.codes, 2, batch, "decode")
+        functional = run_at_level(AdapterRunner(fresh), params, bundle.codes, 2, batch, "decode")
     assert functional == adapter.decode(batch)
 
     # the exported directory is a complete Hugging Face model: its processor decodes like our runtime

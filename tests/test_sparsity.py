@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dsnn_compress.core.bundle import Bundle, load_bundle
-from dsnn_compress.core.sparsity import attach, masked_parameters
+from dsnn_compress.core.masked import masked_parameters
+from dsnn_compress.core.sparsity import attach
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.prune import prune_checkpoint
 

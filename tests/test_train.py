@@ -24,27 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from dsnn_compress.cli import main
+from dsnn_compress.core import masked
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.core.sparsity import masked_parameters
+from dsnn_compress.core.masked import distillation_loss, masked_parameters, run_at_level, train_step
+from dsnn_compress.core.schedule import sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.models.registry import adapter_from_metadata
 from dsnn_compress.sources.runnable import load_model
 from dsnn_compress.training import trainer as train
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe
-from dsnn_compress.training.trainer import (
-    _Runner,
-    build_model,
-    distillation_loss,
-    finetune,
-    log_path,
-    run_at_level,
-    sample_levels,
-    state_path,
-    train_step,
-)
+from dsnn_compress.training.trainer import build_model, finetune, log_path, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -127,7 +120,7 @@ def test_level_forward_sees_exact_zeros_for_pruned_weights(tmp_path: Path):
     params = dict(model.named_parameters())
     codes = setup.codes
     assert codes and setup.levels == (0.5, 0.8)
-    runner = _Runner(setup.adapter)
+    runner = AdapterRunner(setup.adapter)
     batch = batch_of(setup.adapter, recipe)
     outputs = {}
     for k in (1, 2):
@@ -157,7 +150,7 @@ def test_trained_bundle_levels_match_run_at_level(tmp_path: Path):
     live = adapter_from_metadata(meta, bundle.tensors)
     live.model.eval()
     params = dict(live.model.named_parameters())
-    runner = _Runner(live)
+    runner = AdapterRunner(live)
     loaded = load_model(result.output)  # what `dsnn evaluate` runs (in-place level switching)
     batch = batch_of(live, recipe)
     for index, level in enumerate(bundle.all_levels):
@@ -181,7 +174,7 @@ def test_gradients_do_not_reach_weights_pruned_at_the_trained_level(tmp_path: Pa
     setup = build_model(recipe)
     model = setup.adapter.model.train()
     params = dict(model.named_parameters())
-    runner = _Runner(setup.adapter)
+    runner = AdapterRunner(setup.adapter)
     batch = batch_of(setup.adapter, recipe)
     codes = setup.codes
 
@@ -202,17 +195,18 @@ def test_gradients_do_not_reach_weights_pruned_at_the_trained_level(tmp_path: Pa
 def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     recipe = tiny(tmp_path)
     forwards: list[int] = []
-    real_run_at_level = train.run_at_level
+    real_run_at_level = masked.run_at_level
 
-    def counting(runner: Any, params: Any, codes: Any, index: int, batch: Any, mode: str) -> Any:
+    def counting(runner: Any, params: Any, codes: Any, index: int, batch: Any, mode: str,
+                 prefix: str = "model.") -> Any:
         forwards.append(index)
-        return real_run_at_level(runner, params, codes, index, batch, mode)
+        return real_run_at_level(runner, params, codes, index, batch, mode, prefix)
 
-    monkeypatch.setattr(train, "run_at_level", counting)
+    monkeypatch.setattr(masked, "run_at_level", counting)
     setup = build_model(recipe)
     model = setup.adapter.model.train()
     params = dict(model.named_parameters())
-    runner = _Runner(setup.adapter)
+    runner = AdapterRunner(setup.adapter)
     batch = batch_of(setup.adapter, recipe)
 
     def grads(levels: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -317,7 +311,7 @@ def test_sample_levels_all_and_dense_only():
     assert sample_levels(3, "all", 1, seed=0, step=5) == [0, 1, 2, 3]
     assert sample_levels(0, "all", 1, seed=0, step=0) == [0]
     assert sample_levels(0, "sandwich", 2, seed=0, step=0) == [0]
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         sample_levels(2, "random", 1, seed=0, step=0)
 
 
@@ -371,7 +365,7 @@ def test_train_step_adds_weighted_distillation_to_sparse_levels(tmp_path: Path):
     setup = build_model(recipe)
     model = setup.adapter.model.eval()  # deterministic forwards for the comparison
     params = dict(model.named_parameters())
-    runner = _Runner(setup.adapter)
+    runner = AdapterRunner(setup.adapter)
     batch = batch_of(setup.adapter, recipe)
     losses = train_step(runner, params, setup.codes, batch, [0, 2], [1.0, 1.0, 1.0], distill_weight=0.5,
                         temperature=2.0)

@@ -17,13 +17,13 @@ import torch
 from .. import __version__
 from ..errors import DsnnError, UsageError
 from ..sources.files import read_safetensors
+from .levels import Levels, parse_level  # noqa: F401 - parse_level re-exported
 from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes, validate_levels
 from .safetensors_io import write_safetensors
 
 FORMAT_NAME = "dsnn-bundle"
 FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
-LEVEL_TOLERANCE = 1e-6
 _REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "pruned")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
               "recipe", "evaluation", "training")
@@ -52,12 +52,7 @@ class Bundle:
 
     def level_index(self, level: float | str) -> int:
         """Index (0 = dense) of ``level``, given as a fraction (``0.7``), a percentage (``70%``) or ``dense``."""
-        value = parse_level(level)
-        for index, candidate in enumerate(self.all_levels):
-            if abs(candidate - value) <= LEVEL_TOLERANCE:
-                return index
-        available = ", ".join(f"{v:g}" for v in self.all_levels)
-        raise UsageError(f"level {value:g} is not in this bundle", f"choose one of {available}")
+        return Levels(self.levels).index(level, "this bundle")
 
     def mask(self, name: str, level: float | str) -> torch.Tensor:
         """Boolean keep-mask of tensor ``name`` at ``level``."""
@@ -78,23 +73,6 @@ class Bundle:
     def summary(self) -> dict[str, Any]:
         """Achieved sparsity per level (prunable and overall) and per tensor, computed from the codes."""
         return sparsity_summary(self.tensors, self.codes, self.levels)
-
-
-def parse_level(level: float | str) -> float:
-    """Parse a level given as ``0.7``, ``70%`` or ``dense``."""
-    if isinstance(level, str):
-        text = level.strip().lower()
-        if text in ("dense", "0", "0.0"):
-            return 0.0
-        try:
-            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            raise UsageError(f"level {level!r} is not a number", "use a fraction such as 0.7") from None
-    else:
-        value = float(level)
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise UsageError(f"level {value:g} is outside [0, 1)", "use a fraction such as 0.7")
-    return value
 
 
 def sparsity_summary(

@@ -26,48 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import DsnnError, UsageError
+from .levels import parse_levels, validate_levels  # noqa: F401 - re-exported for callers of masks
 
 ALLOCATIONS = ("per-layer", "global")
-
-
-def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
-    """Parse and validate sparsity levels such as ``"0.5,0.7,0.9"``.
-
-    Levels are fractions in (0, 1), strictly increasing and unique. A leading ``0`` (the dense level, which is
-    always present) is accepted and dropped.
-    """
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if not parts:
-            raise UsageError("no sparsity levels given", "pass levels like --levels 0.5,0.7,0.9")
-        values: list[float] = []
-        for part in parts:
-            try:
-                values.append(float(part))
-            except ValueError:
-                raise UsageError(f"sparsity level {part!r} is not a number", "use fractions like 0.5,0.7,0.9") from None
-    else:
-        values = [float(v) for v in text]
-    if values and values[0] == 0.0:
-        values = values[1:]
-    return validate_levels(values)
-
-
-def validate_levels(levels: Sequence[float]) -> tuple[float, ...]:
-    """Check that sparse levels are in (0, 1), strictly increasing and non-empty; return them as a tuple."""
-    if not levels:
-        raise UsageError("no sparse level given (the dense level 0 is implicit)", "pass e.g. --levels 0.5,0.7,0.9")
-    for value in levels:
-        if not math.isfinite(value) or not 0.0 < value < 1.0:
-            raise UsageError(f"sparsity level {value:g} is outside (0, 1)", "use fractions such as 0.5 for 50 %")
-    for a, b in zip(levels, levels[1:]):
-        if a == b:
-            raise UsageError(f"sparsity level {a:g} is given twice", "list each level once")
-        if b < a:
-            raise UsageError(
-                f"sparsity levels must increase, got {a:g} before {b:g}", "sort them, e.g. --levels 0.5,0.7,0.9"
-            )
-    return tuple(float(v) for v in levels)
 
 
 def code_bits(num_levels: int) -> int:

@@ -12,6 +12,7 @@ The learning rate warms up linearly from 0 over ``warmup_steps`` steps, then dec
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 from ..training.recipe import LRScheduleConfig, PruningScheduleConfig
@@ -74,3 +75,21 @@ def lr_at(step: int, base_lr: float, cfg: LRScheduleConfig, total_steps: int) ->
     if cfg.decay == "cosine":
         return base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"unknown learning-rate decay {cfg.decay!r}")
+
+
+def sample_levels(num_levels: int, mode: str, random_levels: int, seed: int, step: int) -> list[int]:
+    """Level indices (0 = dense) trained at ``step``.
+
+    ``all``: every level. ``sandwich``: the densest (0) and the sparsest (L) plus ``random_levels`` distinct
+    middle levels drawn with ``random.Random(seed, step)``, so the choice is reproducible and resume-safe.
+    """
+    if num_levels == 0:
+        return [0]
+    if mode == "all":
+        return list(range(num_levels + 1))
+    if mode != "sandwich":  # recipes only allow these two (training.recipe); anything else is a caller's bug
+        raise ValueError(f"unknown sampling mode {mode!r}")
+    middle = list(range(1, num_levels))
+    rng = random.Random(seed * 1_000_003 + step)
+    picked = rng.sample(middle, min(random_levels, len(middle)))
+    return sorted({0, num_levels, *picked})

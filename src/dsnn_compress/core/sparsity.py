@@ -19,6 +19,7 @@ import torch
 
 from ..errors import DsnnError
 from .bundle import Bundle
+from .levels import Levels
 
 
 class DynamicSparsity:
@@ -55,7 +56,7 @@ class DynamicSparsity:
 
     def level_index(self, level: float | str) -> int:
         """Index of ``level`` (0 = dense)."""
-        return Bundle({}, {}, self.levels).level_index(level)
+        return Levels(self.levels).index(level, "this bundle")
 
     @torch.no_grad()
     def set_level(self, level: float | str) -> None:
@@ -94,12 +95,3 @@ def attach(module: torch.nn.Module, bundle: Bundle, load_weights: bool = True) -
             raise DsnnError(f"bundle and module disagree on tensor {name}",
                             "attach the bundle to the model it was made from")
     return DynamicSparsity(module, bundle.codes, bundle.levels)
-
-
-def masked_parameters(
-    params: Mapping[str, torch.Tensor], codes: Mapping[str, torch.Tensor], level_index: int
-) -> dict[str, torch.Tensor]:
-    """``{name: weight * mask}`` for the coded parameters at ``level_index`` (differentiable; for functional_call)."""
-    if level_index == 0:
-        return {n: params[n] for n in codes}
-    return {n: params[n] * (code >= level_index).to(params[n].dtype) for n, code in codes.items()}

@@ -6,6 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.batch import Batch
 
@@ -20,6 +21,8 @@ class ModelAdapter(Protocol):
     family: str
     model: torch.nn.Module
     sample_rate: int
+    normalizer: str
+    """Name of the text normaliser references and hypotheses go through (``data.text.NORMALIZERS``)."""
 
     def prepare(self, waveform: np.ndarray) -> torch.Tensor:
         """Turn one mono float32 waveform at ``sample_rate`` into the model's per-utterance input (time first)."""
@@ -52,3 +55,29 @@ class ModelAdapter(Protocol):
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description that rebuilds this adapter: family, config, vocabulary, features."""
         ...
+
+
+class AdapterRunner(nn.Module):
+    """An adapter as a module: ``forward(batch, "loss")`` -> (loss, log_probs, lengths), ``"decode"`` -> texts.
+
+    The adapter's model is registered as ``model``, so ``torch.func.functional_call`` can swap its parameters
+    (``model.<name>``) for masked ones while the adapter's own methods run: the runner the DSNN masked forward
+    (:mod:`~dsnn_compress.core.masked`) expects.
+    """
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.model = adapter.model
+        self.adapter = adapter
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "adapter":  # a plain attribute, not a submodule: the adapter is not an nn.Module
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, batch: Batch, mode: str) -> Any:
+        """``loss``: the adapter's loss with log-probs and lengths; ``decode``: greedy transcripts."""
+        if mode == "loss":
+            return self.adapter.loss_and_log_probs(batch)
+        return self.adapter.decode(batch)

@@ -1,7 +1,7 @@
 """Joint multi-level (DSNN) fine-tuning, dense training from scratch, checkpoints/resume and DDP.
 
 One optimizer step runs the batch at several levels on the *shared* weights: for level ``k`` the forward uses
-``weight * (code >= k)`` (``torch.func.functional_call`` over :func:`~dsnn_compress.sparsity.masked_parameters`), so
+``weight * (code >= k)`` (``torch.func.functional_call`` over :func:`~dsnn_compress.core.masked.masked_parameters`), so
 a pruned weight gets gradient only from the levels where it is alive. The weighted per-level losses are summed
 (one backward per level, so only one graph is alive at a time). Optional in-place distillation adds
 ``weight * T^2 * KL(dense || level)`` on frame posteriors, the dense output detached. Optional gradual pruning
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,18 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..atomic import atomic_path
 from ..core.bundle import Bundle, load_bundle, save_bundle
+from ..core.masked import passes_per_step, run_at_level, train_step
 from ..core.masks import codes_at_sparsities, compute_codes
-from ..core.schedule import lr_at, scheduled_levels, should_update_codes
+from ..core.schedule import lr_at, sample_levels, scheduled_levels, should_update_codes
 from ..core.selection import select_prunable
-from ..core.sparsity import masked_parameters
 from ..data.batch import Batch
 from ..data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
 from ..data.features import spec_augment
@@ -45,7 +42,7 @@ from ..data.text import CharTokenizer, normalize_text
 from ..errors import DsnnError, UsageError
 from ..evaluation.evaluate import prepare_data
 from ..evaluation.scoring import word_errors
-from ..models.base import ModelAdapter
+from ..models.base import AdapterRunner, ModelAdapter
 from ..sources.runnable import read_safetensors_metadata
 from .recipe import Recipe, schedule_end_too_late
 
@@ -222,98 +219,6 @@ def _codes_now(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Se
 # ----------------------------------------------------------------------------------------------- level sampling
 
 
-def sample_levels(num_levels: int, mode: str, random_levels: int, seed: int, step: int) -> list[int]:
-    """Level indices (0 = dense) trained at ``step``.
-
-    ``all``: every level. ``sandwich``: the densest (0) and the sparsest (L) plus ``random_levels`` distinct
-    middle levels drawn with ``random.Random(seed, step)``, so the choice is reproducible and resume-safe.
-    """
-    if num_levels == 0:
-        return [0]
-    if mode == "all":
-        return list(range(num_levels + 1))
-    if mode != "sandwich":
-        raise UsageError(f"unknown sampling mode {mode!r}", "use all or sandwich")
-    middle = list(range(1, num_levels))
-    rng = random.Random(seed * 1_000_003 + step)
-    picked = rng.sample(middle, min(random_levels, len(middle)))
-    return sorted({0, num_levels, *picked})
-
-
-# ----------------------------------------------------------------------------------------------- one step
-
-
-class _Runner(nn.Module):
-    """Lets ``functional_call`` swap the adapter's parameters while the adapter's own methods run."""
-
-    def __init__(self, adapter: ModelAdapter) -> None:
-        super().__init__()
-        self.model = adapter.model
-        object.__setattr__(self, "_adapter", adapter)
-
-    def forward(self, batch: Batch, mode: str) -> Any:
-        if mode == "loss":
-            return self._adapter.loss_and_log_probs(batch)
-        return self._adapter.decode(batch)
-
-
-def run_at_level(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], index: int,
-                 batch: Batch, mode: str) -> Any:
-    """Run the adapter (``loss`` or ``decode``) with the weights masked to level ``index``."""
-    if index == 0 or not codes:
-        return runner(batch, mode)
-    masked = {f"model.{n}": t for n, t in masked_parameters(params, codes, index).items()}
-    return functional_call(runner, masked, (batch, mode), strict=False)
-
-
-def distillation_loss(teacher: torch.Tensor, student: torch.Tensor, lengths: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` of frame posteriors, averaged over valid frames."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    per_frame = (t.exp() * (t - s)).sum(-1)
-    valid = torch.arange(per_frame.shape[1], device=per_frame.device)[None, :] < lengths[:, None]
-    return temperature**2 * (per_frame * valid).sum() / valid.sum().clamp(min=1)
-
-
-def train_step(
-    runner: _Runner,
-    params: dict[str, torch.Tensor],
-    codes: dict[str, torch.Tensor],
-    batch: Batch,
-    level_indices: Sequence[int],
-    weights: Sequence[float],
-    distill_weight: float = 0.0,
-    temperature: float = 1.0,
-) -> dict[int, float]:
-    """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses.
-
-    Levels whose loss weight is 0 contribute no gradient and are skipped (no forward pass, no loss reported),
-    except that the dense level still runs as the distillation teacher.
-    """
-    losses: dict[int, float] = {}
-    teacher = None
-    level_indices = [i for i in level_indices if weights[i] > 0]
-    if distill_weight > 0 and 0 not in level_indices:
-        with torch.no_grad():
-            teacher = run_at_level(runner, params, codes, 0, batch, "loss")[1].detach()
-    for index in sorted(level_indices):
-        loss, log_probs, lengths = run_at_level(runner, params, codes, index, batch, "loss")
-        total = loss
-        if distill_weight > 0:
-            if index == 0:
-                teacher = log_probs.detach()
-            else:
-                total = total + distill_weight * distillation_loss(teacher, log_probs, lengths, temperature)
-        if weights[index] > 0:
-            (weights[index] * total).backward()
-        losses[index] = float(total.detach())
-    return losses
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
 def _epoch_batches(lengths: Sequence[float], recipe: Recipe, epoch: int, dist_info: DistInfo) -> list[list[int]]:
     """This rank's batches of ``epoch`` (each global batch split across ranks; too-small batches dropped)."""
     batches = bucket_batches(lengths, recipe.data.batch_frames, shuffle=True, seed=recipe.training.seed + epoch,
@@ -345,7 +250,7 @@ def _augment(batch: Batch, seed: int, step: int) -> Batch:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def dev_wer(runner: _Runner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], num_levels: int,
+def dev_wer(runner: AdapterRunner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], num_levels: int,
             dev: Any, batch_size: int = 16) -> list[float]:
     """Greedy WER per level on prepared dev data (model in eval mode for the duration)."""
     from ..data.batch import pad_batch
@@ -496,7 +401,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         torch.manual_seed(cfg.seed)
     _broadcast_tensors([*params.values(), *codes.values()], dist_info)
 
-    runner = _Runner(adapter)
+    runner = AdapterRunner(adapter)
     model.train()
     log_handle = _open_log(log_file, resume, step) if dist_info.main else None
     emit("start", {"steps": total_steps, "start_step": step, "levels": list(levels), "world": dist_info.world,
@@ -537,8 +442,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         distill = recipe.distillation.weight if recipe.distillation.enabled and num_levels else 0.0
         losses = train_step(runner, params, codes, batch, indices, weights, distill,
                             recipe.distillation.temperature)
-        trained = [i for i in indices if weights[i] > 0]
-        forward_passes += len(trained) + (1 if distill and 0 not in trained else 0)
+        forward_passes += passes_per_step(indices, weights, distill)
         _average_gradients(list(params.values()), dist_info)
         losses = _average_losses(losses, dist_info, device)
         grad_norm = None

@@ -1,0 +1,158 @@
+"""Sparsity levels: parsing, validation, lookup with one tolerance, labels and file tags.
+
+A DSNN model holds the dense level ``0`` plus sparse levels ``s_1 < ... < s_L`` in (0, 1). Level *index* ``k``
+(0 = dense) is what keep codes compare against: the mask of level ``k`` is ``code >= k``. Everywhere a level is
+read from the user, looked up in a model, printed or put in a file name, it goes through this module, so the
+rules (accepted spellings, the matching tolerance, the ``dense`` label) live once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+LEVEL_TOLERANCE = 1e-6
+"""Two level values closer than this are the same level (levels pass through JSON and float formatting)."""
+
+
+def parse_level(level: float | str) -> float:
+    """One level given as ``0.7``, ``70%`` or ``dense`` (= 0), checked to be in [0, 1)."""
+    if isinstance(level, str):
+        text = level.strip().lower()
+        if text in ("dense", "0", "0.0"):
+            return 0.0
+        try:
+            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UsageError(f"level {level!r} is not a number", "use a fraction such as 0.7") from None
+    else:
+        value = float(level)
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise UsageError(f"level {value:g} is outside [0, 1)", "use a fraction such as 0.7")
+    return value
+
+
+def level_label(level: float) -> str:
+    """How a level is shown in tables, logs and JSON keys: ``dense`` or ``0.7``."""
+    return "dense" if abs(level) <= LEVEL_TOLERANCE else f"{level:g}"
+
+
+def level_tag(level: float) -> str:
+    """The tag of a level in a file name (``model-dense.onnx``, ``model-0.7.onnx``)."""
+    return level_label(level)
+
+
+def validate_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """Check that sparse levels are in (0, 1), strictly increasing and non-empty; return them as a tuple."""
+    if not levels:
+        raise UsageError("no sparse level given (the dense level 0 is implicit)", "pass e.g. --levels 0.5,0.7,0.9")
+    for value in levels:
+        if not math.isfinite(value) or not 0.0 < value < 1.0:
+            raise UsageError(f"sparsity level {value:g} is outside (0, 1)", "use fractions such as 0.5 for 50 %")
+    for a, b in zip(levels, levels[1:]):
+        if a == b:
+            raise UsageError(f"sparsity level {a:g} is given twice", "list each level once")
+        if b < a:
+            raise UsageError(
+                f"sparsity levels must increase, got {a:g} before {b:g}", "sort them, e.g. --levels 0.5,0.7,0.9"
+            )
+    return tuple(float(v) for v in levels)
+
+
+def parse_levels(text: str | Sequence[float]) -> tuple[float, ...]:
+    """Sparse levels from ``"0.5,0.7,0.9"`` or a sequence; a leading ``0`` (the implicit dense level) is dropped."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise UsageError("no sparsity levels given", "pass levels like --levels 0.5,0.7,0.9")
+        values: list[float] = []
+        for part in parts:
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UsageError(f"sparsity level {part!r} is not a number", "use fractions like 0.5,0.7,0.9") from None
+    else:
+        values = [float(v) for v in text]
+    if values and values[0] == 0.0:
+        values = values[1:]
+    return validate_levels(values)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The sparse levels of a model (the dense level 0 is implicit) and lookups by value, index or label.
+
+    ``Levels(())`` is a dense-only model. Iterating and ``len`` cover the sparse levels; :attr:`all` adds the
+    dense 0 in front, so ``all[k]`` is the value of level index ``k``.
+    """
+
+    sparse: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sparse:
+            object.__setattr__(self, "sparse", validate_levels(list(self.sparse)))
+
+    @classmethod
+    def parse(cls, text: str | Sequence[float] | Levels) -> Levels:
+        """From ``"0.5,0.7,0.9"``, a list or another :class:`Levels` (a leading dense 0 is accepted)."""
+        if isinstance(text, Levels):
+            return text
+        return cls(parse_levels(text))
+
+    def __len__(self) -> int:
+        return len(self.sparse)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.sparse)
+
+    def __bool__(self) -> bool:
+        return bool(self.sparse)
+
+    @property
+    def all(self) -> tuple[float, ...]:
+        """Every level, dense 0 first."""
+        return (0.0, *self.sparse)
+
+    def index(self, level: float | str, where: str = "this model") -> int:
+        """Index (0 = dense) of ``level`` (a value or text such as ``70%``); UsageError listing the choices."""
+        value = parse_level(level)
+        for index, candidate in enumerate(self.all):
+            if abs(candidate - value) <= LEVEL_TOLERANCE:
+                return index
+        raise UsageError(f"level {value:g} is not in {where}", f"choose one of {self.choices()}")
+
+    def value(self, level: float | str, where: str = "this model") -> float:
+        """The stored value of ``level`` (``0.70000001`` -> ``0.7``)."""
+        return self.all[self.index(level, where)]
+
+    def select(self, spec: str | Sequence[float | str], where: str = "this model") -> list[float]:
+        """Levels named by ``all`` or a comma list / sequence, each present, in the given order, duplicates dropped."""
+        if isinstance(spec, str):
+            if spec.strip().lower() == "all":
+                return list(self.all)
+            wanted: Iterable[float | str] = [p for p in spec.split(",") if p.strip()]
+        else:
+            wanted = list(spec)
+        chosen: list[float] = []
+        for item in wanted:
+            value = self.value(item, where)
+            if value not in chosen:
+                chosen.append(value)
+        if not chosen:
+            raise UsageError("no level given", "use --levels all or e.g. --levels 0,0.5,0.9")
+        return chosen
+
+    def label(self, index: int) -> str:
+        """Label of level index ``index`` (``dense`` for 0)."""
+        return level_label(self.all[index])
+
+    def labels(self) -> list[str]:
+        """Labels of every level, dense first."""
+        return [level_label(v) for v in self.all]
+
+    def choices(self) -> str:
+        """The available levels as text for error messages: ``0, 0.5, 0.9``."""
+        return ", ".join(f"{v:g}" for v in self.all)
