@@ -255,7 +255,7 @@ def dev_wer(runner: AdapterRunner, params: dict[str, torch.Tensor], codes: dict[
     """Greedy WER per level on prepared dev data (model in eval mode for the duration)."""
     from ..data.batch import pad_batch
 
-    adapter = runner._adapter
+    adapter = runner.adapter
     normalizer = getattr(adapter, "normalizer", "default")
     was_training = adapter.model.training
     adapter.model.eval()
