@@ -36,8 +36,9 @@ from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.models.registry import adapter_from_metadata
 from dsnn_compress.sources.runnable import load_model
 from dsnn_compress.training import trainer as train
+from dsnn_compress.training.model_setup import build_model
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe
-from dsnn_compress.training.trainer import build_model, finetune, log_path, state_path
+from dsnn_compress.training.trainer import finetune, log_path, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

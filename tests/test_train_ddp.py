@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
+from dsnn_compress.training.model_setup import build_model
 from dsnn_compress.training.recipe import recipe_from_dict
-from dsnn_compress.training.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-test.yaml"

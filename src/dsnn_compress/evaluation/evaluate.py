@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +12,17 @@ import torch
 
 from .. import __version__
 from ..core.bundle import parse_level
-from ..data.audio import load_audio
 from ..data.batch import pad_batch
 from ..data.dataset import bucket_batches
-from ..data.manifest import Utterance, read_manifest
-from ..data.text import get_normalizer, normalize_text
+from ..data.manifest import read_manifest
+from ..data.prepare import prepare_data
+from ..data.text import get_normalizer
 from ..errors import DsnnError, GateError, UsageError
 from ..sources.runnable import LoadedModel, load_model
 from .scoring import char_errors, word_errors
 
 REPORT_SCHEMA = "dsnn-evaluate/1"
 DEFAULT_BATCH_FRAMES = 30_000
-
-
-@dataclass
-class PreparedData:
-    """Audio loaded once for all levels, with normalised references and the skipped utterances."""
-
-    ids: list[str]
-    waveforms: list[np.ndarray]
-    references: list[str]
-    seconds: list[float]
-    skipped: list[dict[str, str]]
 
 
 def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> list[float]:
@@ -56,36 +44,6 @@ def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> l
         if match not in chosen:
             chosen.append(match)
     return chosen
-
-
-def prepare_data(
-    loaded: LoadedModel,
-    utterances: Sequence[Utterance],
-    normalizer: str,
-    skip_bad: bool,
-    on_item: Callable[[], None] | None = None,
-) -> PreparedData:
-    """Load and resample every utterance's audio, normalise and check references (once for all levels)."""
-    adapter = loaded.adapter
-    data = PreparedData([], [], [], [], [])
-    for utt in utterances:
-        try:
-            wave = load_audio(utt.audio_path, adapter.sample_rate, utt.offset, utt.duration)
-            reference = normalize_text(utt.text, normalizer)
-            adapter.encode_text(reference)
-        except DsnnError as exc:
-            if not skip_bad:
-                where = f" (utterance {utt.id} at {utt.source})" if utt.source else f" (utterance {utt.id})"
-                raise DsnnError(exc.message + where, exc.hint or "fix the data or pass --skip-bad") from exc
-            data.skipped.append({"id": utt.id, "reason": exc.one_line()})
-        else:
-            data.ids.append(utt.id)
-            data.waveforms.append(wave)
-            data.references.append(reference)
-            data.seconds.append(len(wave) / adapter.sample_rate)
-        if on_item:
-            on_item()
-    return data
 
 
 def transcribe_waveforms(loaded: LoadedModel, waves: Sequence[np.ndarray], ids: Sequence[str]) -> list[str]:
@@ -128,7 +86,7 @@ def evaluate(
         if on_progress:
             on_progress("loading audio", done, len(utterances))
 
-    data = prepare_data(loaded, utterances, norm, skip_bad, tick_load)
+    data = prepare_data(utterances, loaded.adapter.sample_rate, loaded.adapter.encode_text, norm, skip_bad, tick_load)
     if not data.ids:
         raise DsnnError(f"no utterance of {data_path} could be used ({len(data.skipped)} skipped)",
                         "check the audio files and transcripts")

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +29,19 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..core.bundle import Bundle, load_bundle, save_bundle
+from ..core.bundle import Bundle, save_bundle
 from ..core.masked import passes_per_step, run_at_level, train_step
-from ..core.masks import codes_at_sparsities, compute_codes
-from ..core.schedule import lr_at, sample_levels, scheduled_levels, should_update_codes
-from ..core.selection import select_prunable
+from ..core.schedule import lr_at, sample_levels, should_update_codes
 from ..data.batch import Batch
 from ..data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
 from ..data.features import spec_augment
 from ..data.manifest import read_manifest
-from ..data.text import CharTokenizer, normalize_text
+from ..data.prepare import prepare_data
+from ..data.text import normalize_text
 from ..errors import DsnnError, UsageError
-from ..evaluation.evaluate import prepare_data
 from ..evaluation.scoring import word_errors
-from ..models.base import AdapterRunner, ModelAdapter
-from ..sources.runnable import read_safetensors_metadata
+from ..models.base import AdapterRunner
+from .model_setup import ModelSetup, build_model, scheduled_codes
 from .recipe import Recipe, schedule_end_too_late
 
 STATE_VERSION = 1
@@ -122,17 +120,6 @@ def _barrier(dist_info: DistInfo) -> None:
 # ----------------------------------------------------------------------------------------------- model setup
 
 
-@dataclass
-class ModelSetup:
-    """The live model, its keep codes and where they came from."""
-
-    adapter: ModelAdapter
-    codes: dict[str, torch.Tensor]
-    levels: tuple[float, ...]
-    source: dict[str, Any]
-    base_metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if name == "auto":
@@ -141,79 +128,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name} requested but CUDA is not available", "use training.device: cpu")
     return device
-
-
-def build_model(recipe: Recipe) -> ModelSetup:
-    """Create or load the model named by the recipe and its initial codes."""
-    from ..models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
-    from ..sources.files import sha256_file
-
-    init = recipe.model.init
-    levels: tuple[float, ...] = tuple(recipe.levels or ())
-    if init is None:
-        texts = [normalize_text(u.text, recipe.model.normalizer) for u in read_manifest(recipe.data.train)]
-        vocabulary = CharTokenizer.build(texts).vocabulary
-        torch.manual_seed(recipe.training.seed)
-        adapter = new_adapter(recipe.model.family, vocabulary, recipe.model.size, dict(recipe.model.config),
-                              normalizer=recipe.model.normalizer)
-        source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
-        codes = _initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, source)
-    # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
-    if Path(init).is_dir():
-        from ..models.hf_ctc import adapter_from_source
-        from ..sources.files import load_source
-
-        hf_source = load_source(init)
-        adapter = adapter_from_source(hf_source, recipe.model.normalizer)
-        source = {"file": Path(init).name, "sha256": hf_source.sha256, "kind": hf_source.kind}
-        codes = _initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, source)
-    # --- end hf-ctc
-    if not Path(init).is_file():
-        raise DsnnError(f"model.init {init} does not exist",
-                        "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
-    metadata = read_safetensors_metadata(Path(init))
-    source = {"file": Path(init).name, "sha256": sha256_file(Path(init)), "kind": metadata.get("format")}
-    if metadata.get("format") == "dsnn-bundle":
-        bundle = load_bundle(init)
-        meta = bundle.metadata.get("model")
-        if not isinstance(meta, dict):
-            raise DsnnError(f"bundle {init} carries no model description, so it cannot be fine-tuned",
-                            "prune a self-describing dsnn checkpoint")
-        if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
-            raise UsageError(
-                f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
-                "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
-            )
-        adapter = adapter_from_metadata(meta, bundle.tensors)
-        base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
-        setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, source, base)
-        if recipe.schedule.enabled:
-            setup.codes = _codes_now(adapter, setup.codes, setup.levels, recipe, 0)
-        return setup
-    adapter = load_checkpoint_adapter(init)
-    codes = _initial_codes(adapter, levels, recipe) if levels else {}
-    return ModelSetup(adapter, codes, levels, source)
-
-
-def _initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:
-    params = dict(adapter.model.named_parameters())
-    names = select_prunable(params, recipe.include, recipe.exclude,
-                            None if recipe.include else adapter.default_prunable())
-    tensors = {n: params[n].detach() for n in names}
-    if recipe.schedule.enabled:
-        return codes_at_sparsities(tensors, scheduled_levels(levels, 0, recipe.schedule), recipe.allocation)
-    return compute_codes(tensors, levels, recipe.allocation)
-
-
-def _codes_now(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Sequence[float], recipe: Recipe,
-               step: int) -> dict[str, torch.Tensor]:
-    params = dict(adapter.model.named_parameters())
-    tensors = {n: params[n].detach().cpu() for n in codes}
-    fresh = codes_at_sparsities(tensors, scheduled_levels(levels, step, recipe.schedule), recipe.allocation)
-    device = next(iter(params.values())).device
-    return {n: c.to(device) for n, c in fresh.items()}
 
 
 # ----------------------------------------------------------------------------------------------- level sampling
@@ -373,10 +287,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         dev_utts = read_manifest(recipe.data.dev)
         if recipe.data.max_dev_utterances:
             dev_utts = dev_utts[: recipe.data.max_dev_utterances]
-        from ..sources.runnable import LoadedModel
-
-        dev = prepare_data(LoadedModel(adapter, Path(recipe.data.dev), "training"), dev_utts,
-                           getattr(adapter, "normalizer", "default"), skip_bad=True)
+        dev = prepare_data(dev_utts, adapter.sample_rate, adapter.encode_text, adapter.normalizer, skip_bad=True)
 
     step, epoch, position = 0, 0, 0
     best: dict[str, Any] | None = None
@@ -427,7 +338,7 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
         skipped_total += len(batch.skipped)
         if num_levels and should_update_codes(step, recipe.schedule):
             if dist_info.main:
-                codes = _codes_now(adapter, codes, levels, recipe, step)
+                codes = scheduled_codes(adapter, codes, levels, recipe, step)
             _broadcast_tensors(list(codes.values()), dist_info)
         if len(batch) == 0:
             continue

@@ -1,0 +1,106 @@
+"""The model a fine-tuning run starts from: built fresh, or loaded from a bundle, checkpoint or model directory,
+with its initial keep codes (and the codes a gradual schedule asks for at a step)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.bundle import load_bundle
+from ..core.masks import codes_at_sparsities, compute_codes
+from ..core.schedule import scheduled_levels
+from ..core.selection import select_prunable
+from ..data.manifest import read_manifest
+from ..data.text import CharTokenizer, normalize_text
+from ..errors import DsnnError, UsageError
+from ..models.base import ModelAdapter
+from ..sources.runnable import read_safetensors_metadata
+from .recipe import Recipe
+
+
+@dataclass
+class ModelSetup:
+    """The live model, its keep codes and where they came from."""
+
+    adapter: ModelAdapter
+    codes: dict[str, torch.Tensor]
+    levels: tuple[float, ...]
+    source: dict[str, Any]
+    base_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(recipe: Recipe) -> ModelSetup:
+    """Create or load the model named by the recipe and its initial codes."""
+    from ..models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
+    from ..sources.files import sha256_file
+
+    init = recipe.model.init
+    levels: tuple[float, ...] = tuple(recipe.levels or ())
+    if init is None:
+        texts = [normalize_text(u.text, recipe.model.normalizer) for u in read_manifest(recipe.data.train)]
+        vocabulary = CharTokenizer.build(texts).vocabulary
+        torch.manual_seed(recipe.training.seed)
+        adapter = new_adapter(recipe.model.family, vocabulary, recipe.model.size, dict(recipe.model.config),
+                              normalizer=recipe.model.normalizer)
+        source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
+        codes = initial_codes(adapter, levels, recipe) if levels else {}
+        return ModelSetup(adapter, codes, levels, source)
+    # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
+    if Path(init).is_dir():
+        from ..models.hf_ctc import adapter_from_source
+        from ..sources.files import load_source
+
+        hf_source = load_source(init)
+        adapter = adapter_from_source(hf_source, recipe.model.normalizer)
+        source = {"file": Path(init).name, "sha256": hf_source.sha256, "kind": hf_source.kind}
+        codes = initial_codes(adapter, levels, recipe) if levels else {}
+        return ModelSetup(adapter, codes, levels, source)
+    # --- end hf-ctc
+    if not Path(init).is_file():
+        raise DsnnError(f"model.init {init} does not exist",
+                        "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
+    metadata = read_safetensors_metadata(Path(init))
+    source = {"file": Path(init).name, "sha256": sha256_file(Path(init)), "kind": metadata.get("format")}
+    if metadata.get("format") == "dsnn-bundle":
+        bundle = load_bundle(init)
+        meta = bundle.metadata.get("model")
+        if not isinstance(meta, dict):
+            raise DsnnError(f"bundle {init} carries no model description, so it cannot be fine-tuned",
+                            "prune a self-describing dsnn checkpoint")
+        if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
+            raise UsageError(
+                f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
+                "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
+            )
+        adapter = adapter_from_metadata(meta, bundle.tensors)
+        base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
+        setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, source, base)
+        if recipe.schedule.enabled:
+            setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0)
+        return setup
+    adapter = load_checkpoint_adapter(init)
+    codes = initial_codes(adapter, levels, recipe) if levels else {}
+    return ModelSetup(adapter, codes, levels, source)
+
+
+def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:
+    params = dict(adapter.model.named_parameters())
+    names = select_prunable(params, recipe.include, recipe.exclude,
+                            None if recipe.include else adapter.default_prunable())
+    tensors = {n: params[n].detach() for n in names}
+    if recipe.schedule.enabled:
+        return codes_at_sparsities(tensors, scheduled_levels(levels, 0, recipe.schedule), recipe.allocation)
+    return compute_codes(tensors, levels, recipe.allocation)
+
+
+def scheduled_codes(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Sequence[float], recipe: Recipe,
+               step: int) -> dict[str, torch.Tensor]:
+    params = dict(adapter.model.named_parameters())
+    tensors = {n: params[n].detach().cpu() for n in codes}
+    fresh = codes_at_sparsities(tensors, scheduled_levels(levels, step, recipe.schedule), recipe.allocation)
+    device = next(iter(params.values())).device
+    return {n: c.to(device) for n, c in fresh.items()}
