@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import tool_metadata
 from .core.bundle import Bundle, save_bundle
 from .core.masks import compute_codes, validate_levels
 from .core.selection import select_prunable
@@ -56,7 +56,7 @@ def build_bundle(
         "selection": {"include": list(include), "exclude": list(exclude),
                       "defaults": "model" if defaults is not None else "name-rules"},
         "source": {"file": source.path.name, "sha256": source.sha256, "kind": source.kind},
-        "tool": {"name": "dsnn-compress", "version": __version__},
+        "tool": tool_metadata(),
         "command": command,
     }
     if model_meta is not None:

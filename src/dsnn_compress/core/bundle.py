@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import tool_metadata
 from ..errors import DsnnError, UsageError
 from ..sources.files import read_safetensors
 from .levels import Levels, parse_level  # noqa: F401 - parse_level re-exported
@@ -119,7 +119,7 @@ def build_metadata(bundle: Bundle) -> dict[str, str]:
         "pruned": {name: {"shape": v["shape"], "pruned": v["pruned"]} for name, v in summary["tensors"].items()},
         "sparsity": {k: v for k, v in summary.items() if k != "tensors"},
     })
-    meta.setdefault("tool", {"name": "dsnn-compress", "version": __version__})
+    meta.setdefault("tool", tool_metadata())
     out: dict[str, str] = {}
     for key, value in meta.items():
         out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))

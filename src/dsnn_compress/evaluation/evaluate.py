@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import tool_metadata
 from ..core.bundle import parse_level
 from ..data.batch import pad_batch
 from ..data.dataset import bucket_batches
@@ -134,7 +134,7 @@ def evaluate(
     loaded.set_level(0.0)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
-        "tool": {"name": "dsnn-compress", "version": __version__},
+        "tool": tool_metadata(),
         "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family},
         "data": {"path": str(data_path), "utterances": len(utterances)},
         "normalizer": norm,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import __version__
+from .. import tool_metadata
 from ..atomic import atomic_path
 from ..core.bundle import Bundle, save_bundle
 from ..core.masked import passes_per_step, run_at_level, train_step
@@ -530,7 +530,7 @@ def _write_output(recipe: Recipe, setup: ModelSetup, model: nn.Module, codes: di
     if not setup.levels:
         extra = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                  "training": json.dumps(training, sort_keys=True),
-                 "tool": json.dumps({"name": "dsnn-compress", "version": __version__})}
+                 "tool": json.dumps(tool_metadata())}
         save_checkpoint(setup.adapter, output, extra)
         return
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -540,7 +540,7 @@ def _write_output(recipe: Recipe, setup: ModelSetup, model: nn.Module, codes: di
         "selection": setup.base_metadata.get("selection", {"include": list(recipe.include),
                                                            "exclude": list(recipe.exclude)}),
         "source": setup.source,
-        "tool": {"name": "dsnn-compress", "version": __version__},
+        "tool": tool_metadata(),
         "command": ["dsnn", "finetune"],
         "model": setup.adapter.metadata(),
         "recipe": recipe.to_dict(),
