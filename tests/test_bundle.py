@@ -19,7 +19,7 @@ from dsnn_compress.core.masks import compute_codes, pack_codes, unpack_codes
 from dsnn_compress.core.safetensors_io import write_safetensors
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.prune import prune_checkpoint
-from dsnn_compress.sources.files import load_source
+from dsnn_compress.sources.opener import open_source
 
 LEVELS = (0.5, 0.7, 0.9)
 
@@ -59,7 +59,7 @@ def test_round_trip_is_bit_identical(source_path: Path, bundle_path: Path) -> No
         assert bundle.codes[name].dtype == torch.uint8
         assert torch.equal(bundle.codes[name], expected[name]), name
     assert bundle.metadata["allocation"] == "per-layer"
-    assert bundle.metadata["source"]["sha256"] == load_source(source_path).sha256
+    assert bundle.metadata["source"]["sha256"] == open_source(source_path).sha256
     assert bundle.metadata["source"]["file"] == "dense.safetensors"
 
 

@@ -14,7 +14,7 @@ from helpers import random_state_dict, write_checkpoint
 from safetensors.torch import save_file
 
 from dsnn_compress.errors import DsnnError
-from dsnn_compress.sources.files import load_source
+from dsnn_compress.sources.opener import open_source
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -33,7 +33,7 @@ def test_safetensors_file(tmp_path: Path) -> None:
     state = random_state_dict(1)
     path = tmp_path / "model.safetensors"
     save_file(state, str(path), metadata={"note": "hello"})
-    source = load_source(path)
+    source = open_source(path)
     assert source.kind == "safetensors"
     assert source.sha256 == sha256(path)
     assert source.file_metadata == {"note": "hello"}
@@ -45,7 +45,7 @@ def test_safetensors_file(tmp_path: Path) -> None:
 def test_plain_torch_state_dict(tmp_path: Path, suffix: str) -> None:
     state = random_state_dict(2)
     path = write_checkpoint(tmp_path / f"model{suffix}", state)
-    source = load_source(path)
+    source = open_source(path)
     assert source.kind == "torch"
     assert source.sha256 == sha256(path)
     assert_same_tensors(source.tensors, state)
@@ -55,7 +55,7 @@ def test_lightning_nesting(tmp_path: Path) -> None:
     state = random_state_dict(3)
     path = tmp_path / "epoch=3.ckpt"
     torch.save({"state_dict": state, "epoch": 3, "global_step": 120, "hyper_parameters": {"lr": 0.1}}, path)
-    source = load_source(path)
+    source = open_source(path)
     assert_same_tensors(source.tensors, state)
 
 
@@ -64,14 +64,14 @@ def test_model_nesting(tmp_path: Path, key: str) -> None:
     state = random_state_dict(4)
     path = tmp_path / "model.pt"
     torch.save({key: state, "optimizer": {"lr": 0.1}}, path)
-    assert_same_tensors(load_source(path).tensors, state)
+    assert_same_tensors(open_source(path).tensors, state)
 
 
 def test_double_nesting_and_non_tensor_entries(tmp_path: Path) -> None:
     state = random_state_dict(5)
     path = tmp_path / "model.pt"
     torch.save({"model": {"module": {**state, "version": 2, "config_name": "x"}}}, path)
-    source = load_source(path)
+    source = open_source(path)
     assert_same_tensors(source.tensors, state)
     assert source.skipped_entries == ["config_name", "version"]
 
@@ -88,7 +88,7 @@ def test_hf_dir_with_model_safetensors(tmp_path: Path) -> None:
     (tmp_path / "vocab.json").write_text('{"a": 0}')
     (tmp_path / "big.bin.json").write_bytes(b"x" * (4 * 1024 * 1024 + 1))  # too big to keep
     save_file(state, str(tmp_path / "model.safetensors"))
-    source = load_source(tmp_path)
+    source = open_source(tmp_path)
     assert source.kind == "hf-dir"
     assert source.sha256 == sha256(tmp_path / "model.safetensors")
     assert source.hf_files == {"config.json": config, "vocab.json": '{"a": 0}'}
@@ -99,7 +99,7 @@ def test_hf_dir_with_pytorch_model_bin(tmp_path: Path) -> None:
     state = random_state_dict(7)
     config = write_hf_config(tmp_path)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    source = load_source(tmp_path)
+    source = open_source(tmp_path)
     assert source.kind == "hf-dir"
     assert source.hf_files == {"config.json": config}
     assert_same_tensors(source.tensors, state)
@@ -115,7 +115,7 @@ def test_hf_dir_sharded_safetensors(tmp_path: Path) -> None:
         save_file({n: state[n] for n in shard_names}, str(tmp_path / shard))
         weight_map.update(dict.fromkeys(shard_names, shard))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    source = load_source(tmp_path)
+    source = open_source(tmp_path)
     assert source.hf_files == {"config.json": config}  # the index is not kept as a text file
     assert_same_tensors(source.tensors, state)
 
@@ -124,19 +124,19 @@ def test_hf_dir_missing_shard(tmp_path: Path) -> None:
     write_hf_config(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(DsnnError, match="gone.safetensors"):
-        load_source(tmp_path)
+        open_source(tmp_path)
 
 
 def test_hf_dir_without_weights(tmp_path: Path) -> None:
     write_hf_config(tmp_path)
     with pytest.raises(DsnnError, match="no model.safetensors"):
-        load_source(tmp_path)
+        open_source(tmp_path)
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
     save_file(random_state_dict(9), str(tmp_path / "model.safetensors"))
     with pytest.raises(DsnnError, match="without config.json"):
-        load_source(tmp_path)
+        open_source(tmp_path)
 
 
 class CreatesMarker:
@@ -153,7 +153,7 @@ def test_pickled_module_is_refused_and_mentions_state_dict(tmp_path: Path) -> No
     path = tmp_path / "model.pt"
     torch.save(torch.nn.Linear(3, 2), path)
     with pytest.raises(DsnnError) as info:
-        load_source(path)
+        open_source(path)
     assert info.value.exit_code == 1
     assert "state_dict" in info.value.one_line()
 
@@ -171,13 +171,13 @@ def test_code_carrying_pickle_is_not_executed(tmp_path: Path, writer: str) -> No
             pickle.dump(payload, fh)
     assert not marker.exists()
     with pytest.raises(DsnnError, match="refuses to unpickle"):
-        load_source(path)
+        open_source(path)
     assert not marker.exists()
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DsnnError, match="does not exist"):
-        load_source(tmp_path / "nope.safetensors")
+        open_source(tmp_path / "nope.safetensors")
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DsnnError, match="not a readable safetensors file"):
-        load_source(path)
+        open_source(path)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -194,7 +194,7 @@ def test_garbage_bytes(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"model{suffix}"
     path.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(DsnnError):
-        load_source(path)
+        open_source(path)
 
 
 def test_truncated_torch_file(tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def test_truncated_torch_file(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DsnnError, match="not a readable torch checkpoint"):
-        load_source(path)
+        open_source(path)
 
 
 @pytest.mark.parametrize("content", [{}, {"epoch": 3}, {"state_dict": {}}])
@@ -210,32 +210,32 @@ def test_empty_torch_state_dict(tmp_path: Path, content: dict) -> None:
     path = tmp_path / "model.pt"
     torch.save(content, path)
     with pytest.raises(DsnnError, match="contains no tensors"):
-        load_source(path)
+        open_source(path)
 
 
 def test_empty_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({}, str(path))
     with pytest.raises(DsnnError, match="contains no tensors"):
-        load_source(path)
+        open_source(path)
 
 
 def test_top_level_tensor_or_list_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     torch.save([torch.ones(2)], path)
     with pytest.raises(DsnnError, match="not a state dict"):
-        load_source(path)
+        open_source(path)
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x00" * 16)
     with pytest.raises(DsnnError, match="unsupported extension"):
-        load_source(path)
+        open_source(path)
 
 
 def test_dsnn_bundle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bundle.safetensors"
     save_file({"w": torch.ones(2, 2)}, str(path), metadata={"format": "dsnn-bundle"})
     with pytest.raises(DsnnError, match="already a DSNN bundle"):
-        load_source(path)
+        open_source(path, allow_bundle=False)

@@ -79,35 +79,31 @@ def prune(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Rank weights once and write one bundle holding every nested sparsity level."""
-    from .atomic import check_output_path
-    from .core.bundle import save_bundle
-    from .core.masks import ALLOCATIONS, parse_levels
-    from .prune import build_bundle
+    from .core.levels import parse_levels
+    from .core.masks import ALLOCATIONS
+    from .prune import prune_checkpoint
     from .report.tables import inspect_report, levels_table, to_json
-    from .sources.files import load_source
 
-    level_values = parse_levels(levels)
     if allocation not in ALLOCATIONS:
         raise typer.BadParameter(f"{allocation!r} is not one of {', '.join(ALLOCATIONS)}", param_hint="--allocation")
-    check_output_path(output, force)
+    notes: list[str] = []
     with progress() as bar:
         task = bar.add_task("loading", total=None, info=str(checkpoint))
-        source = load_source(checkpoint)
-        bar.update(task, description="ranking", total=1, completed=0, info="")
 
-        def on_progress(done: int, total: int) -> None:
-            bar.update(task, total=total, completed=done)
+        def on_stage(stage: str) -> None:
+            bar.update(task, description=stage, info=str(output) if stage == "writing" else "",
+                       **({"total": 1, "completed": 0} if stage == "ranking" else {}))
 
-        bundle = build_bundle(source, level_values, allocation, _split_patterns(include), _split_patterns(exclude),
-                              command=_command_line(), on_progress=on_progress)
-        bar.update(task, description="writing", info=str(output))
-        save_bundle(bundle, output)
+        bundle = prune_checkpoint(checkpoint, parse_levels(levels), output, allocation, _split_patterns(include),
+                                  _split_patterns(exclude), command=_command_line(), force=force,
+                                  on_progress=lambda done, total: bar.update(task, total=total, completed=done),
+                                  on_stage=on_stage, on_note=notes.append)
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
         print(to_json({k: v for k, v in report.items() if k != "tensors"}))
         return
-    if source.skipped_entries:
-        err.print(f"note: ignored {len(source.skipped_entries)} non-tensor entries of the checkpoint")
+    for note in notes:
+        err.print(f"note: {note}")
     out.print(levels_table(report, f"wrote {output} ({len(bundle.codes)} pruned tensors)"))
 
 
@@ -118,10 +114,10 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show levels, achieved sparsity and what was pruned."""
-    from .core.bundle import load_bundle
     from .report.tables import inspect_report, print_inspect, to_json
+    from .sources.opener import open_source
 
-    bundle = load_bundle(bundle_path)
+    bundle = open_source(bundle_path, role="bundle").require_bundle()
     report = inspect_report(bundle, bundle_path.stat().st_size)
     if json_out:
         if not layers:
@@ -143,26 +139,11 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
     """Write a level as a plain state dict, a self-describing checkpoint, ONNX or a Hugging Face directory."""
-    from .atomic import check_output_path
-    from .core.bundle import load_bundle, parse_level
-    from .export.formats import check_output_dir, export_levels, infer_format, level_output_path
+    from .export.formats import export_bundle
 
-    every = level.strip().lower() == "all"
-    if not every:
-        parse_level(level)
-    resolved = infer_format(output, fmt)
-    bundle = load_bundle(bundle_path)
-    targets = [level_output_path(output, lv) for lv in bundle.all_levels] if every else [output]
-    if not every:
-        bundle.level_index(level)
-    for target in targets:
-        if resolved == "hf":  # a directory (hf-ctc)
-            check_output_dir(target, force)
-        else:
-            check_output_path(target, force)
     with progress() as bar:
         bar.add_task("exporting", total=None, info=str(output))
-        written = export_levels(bundle, level, output, fmt)
+        written = export_bundle(bundle_path, level, output, fmt, force)
     for path in written:
         err.print(f"wrote {path}", highlight=False)
 
@@ -278,40 +259,19 @@ def finetune(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
-    from .core.masks import parse_levels
     from .report.tables import to_json
     from .training.display import TrainingDisplay
-    from .training.recipe import apply_overrides, load_recipe, parse_set_option, recipe_from_dict
+    from .training.options import finetune_summary, recipe_from_options
     from .training.trainer import finetune as run_finetune
 
-    overrides: dict[str, object] = {}
-    for item in set_values or []:
-        key, value = parse_set_option(item)
-        overrides[key] = value
-    for key, value in (("model.init", model), ("data.train", data), ("data.dev", dev), ("output", output),
-                       ("training.steps", steps), ("optimizer.lr", lr), ("sampling.mode", sampling),
-                       ("training.seed", seed), ("training.keep", keep)):
-        if value is not None:
-            overrides[key] = str(value.absolute()) if isinstance(value, Path) else value
-    if levels is not None:
-        overrides["levels"] = list(parse_levels(levels))
-    if steps is not None:
-        overrides["training.epochs"] = None
-    if recipe_path is not None:
-        recipe = apply_overrides(load_recipe(recipe_path), overrides)
-    else:
-        train = overrides.get("data.train")  # from --data or --set data.train=...
-        if train is None:
-            raise typer.BadParameter("give --recipe R.yaml, or the training manifest (data.train) with --data "
-                                     "TRAIN_MANIFEST", param_hint="--data")
-        recipe = apply_overrides(recipe_from_dict({"data": {"train": train}}, base_dir=Path.cwd()), overrides)
+    flags = {"model": model, "data": data, "dev": dev, "output": output, "steps": steps, "lr": lr,
+             "sampling": sampling, "seed": seed, "keep": keep}
+    recipe = recipe_from_options(recipe_path, flags, set_values or [], levels)
     with TrainingDisplay(json_mode=json_out) as display:
         result = run_finetune(recipe, resume=resume, force=force, report=display.report)
-    if int(os.environ.get("RANK", "0")) != 0:
+    summary = finetune_summary(result)
+    if summary is None:  # a non-zero rank of a torchrun job: rank 0 reports
         return
-    summary = {"output": str(result.output), "steps": result.steps, "levels": list(result.levels),
-               "final_loss": result.final_losses, "dev_wer": result.dev_wer, "seconds": round(result.seconds, 2),
-               "forward_passes": result.forward_passes, "log": str(result.log)}
     if json_out:
         print(to_json(summary))
     else:
@@ -329,11 +289,9 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Prune, jointly fine-tune, evaluate and export the embedded model on embedded data, offline."""
-    from rich.table import Table
-
-    from .core.masks import parse_levels
+    from .core.levels import parse_levels
     from .demo import comparison_rows, run_demo
-    from .report.tables import to_json
+    from .report.tables import demo_tables, to_json
     from .training.display import TrainingDisplay
 
     level_values = parse_levels(levels)
@@ -343,21 +301,10 @@ def demo(
     rows = comparison_rows(result.oneshot, result.finetuned)
     if json_out:
         print(to_json({"directory": str(result.directory), "levels": rows, "seconds": result.seconds,
-                           "files": {k: str(v) for k, v in result.files.items()}}))
+                       "files": {k: str(v) for k, v in result.files.items()}}))
         return
-    table = Table(title=f"WER per sparsity level on {result.finetuned['data']['utterances']} embedded test "
-                        "utterances (unseen speakers)", title_justify="left")
-    for column in ("level", "WER % one-shot", "WER % fine-tuned", "CER % fine-tuned", "nonzero params", "RTFx"):
-        table.add_column(column, justify="left" if column == "level" else "right")
-    for row in rows:
-        table.add_row("dense" if row["level"] == 0 else f"{row['level']:g}", f"{100 * row['wer_oneshot']:.2f}",
-                      f"{100 * row['wer_finetuned']:.2f}", f"{100 * row['cer_finetuned']:.2f}",
-                      f"{row['nonzero_params']:,}", f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
-    out.print(table)
-    files = Table(title="files", title_justify="left", show_header=False)
-    for name, path in result.files.items():
-        files.add_row(name, str(path))
-    out.print(files)
+    for table in demo_tables(rows, result.finetuned["data"]["utterances"], result.files):
+        out.print(table)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     out.print(f"time: {timing}; total {sum(result.seconds.values()):.0f} s")
 

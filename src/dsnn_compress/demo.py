@@ -42,9 +42,8 @@ def run_demo(
     stage: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the whole flow into ``out_dir``: bundle, fine-tuned bundle, reports, per-level checkpoints."""
-    from .core.bundle import load_bundle
     from .evaluation.evaluate import evaluate
-    from .export.formats import export_levels, level_output_path
+    from .export.formats import export_bundle
     from .prune import prune_checkpoint
     from .training.recipe import recipe_from_dict
     from .training.trainer import finetune
@@ -113,9 +112,9 @@ def run_demo(
     export_dir = out / "export"
     export_dir.mkdir()
     target = export_dir / "model.safetensors"
-    export_levels(load_bundle(files["fine-tuned bundle"]), "all", target, "checkpoint")
-    for level in (0.0, *levels):
-        files[f"level {level:g} checkpoint"] = level_output_path(target, level)
+    written = export_bundle(files["fine-tuned bundle"], "all", target, "checkpoint", force=True)
+    for level, path in zip((0.0, *levels), written, strict=True):
+        files[f"level {level:g} checkpoint"] = path
     seconds["export"] = time.perf_counter() - clock
     return DemoResult(out, files, oneshot, finetuned, seconds)
 

@@ -16,10 +16,9 @@ import torch
 
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
-from ..sources.files import read_safetensors
 from .levels import Levels, parse_level  # noqa: F401 - parse_level re-exported
 from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes, validate_levels
-from .safetensors_io import write_safetensors
+from .safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dsnn-bundle"
 FORMAT_VERSION = "1"

@@ -35,6 +35,11 @@ def parse_level(level: float | str) -> float:
     return value
 
 
+def same_level(a: float, b: float) -> bool:
+    """True when two level values name the same level (within :data:`LEVEL_TOLERANCE`)."""
+    return abs(a - b) <= LEVEL_TOLERANCE
+
+
 def level_label(level: float) -> str:
     """How a level is shown in tables, logs and JSON keys: ``dense`` or ``0.7``."""
     return "dense" if abs(level) <= LEVEL_TOLERANCE else f"{level:g}"
@@ -120,7 +125,7 @@ class Levels:
         """Index (0 = dense) of ``level`` (a value or text such as ``70%``); UsageError listing the choices."""
         value = parse_level(level)
         for index, candidate in enumerate(self.all):
-            if abs(candidate - value) <= LEVEL_TOLERANCE:
+            if same_level(candidate, value):
                 return index
         raise UsageError(f"level {value:g} is not in {where}", f"choose one of {self.choices()}")
 

@@ -1,6 +1,8 @@
-"""A small deterministic safetensors writer.
+"""The one place safetensors files are read and written.
 
-``safetensors.torch.save_file`` copies every tensor into one in-memory buffer first; this writer streams each
+Reading uses the official ``safetensors`` library (:func:`read_safetensors`, :func:`read_safetensors_metadata`),
+with every way a file can be damaged reported as one :class:`DsnnError`. Writing uses a small deterministic
+writer: ``safetensors.torch.save_file`` copies every tensor into one in-memory buffer first; this writer streams each
 tensor's bytes straight to the file (peak memory stays at the tensors themselves) and always produces the same
 bytes for the same input: tensors in sorted-name order, header JSON with sorted keys, padded with spaces to a
 multiple of 8 bytes as the format recommends. Files are read back with the official ``safetensors`` library.
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_path
 from ..errors import DsnnError
@@ -71,3 +74,32 @@ def write_safetensors(
         fh.write(blob)
         for name in names:
             fh.write(_tensor_bytes(tensors[name]))
+
+
+def _unreadable(path: Path, exc: BaseException) -> DsnnError:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return DsnnError(f"{path} is not a readable safetensors file ({text})",
+                     "the file may be truncated or corrupt; re-export it")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the ``__metadata__`` of a safetensors file (DsnnError if it is damaged)."""
+    src = Path(path)
+    try:
+        with safe_open(str(src), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(src, exc) from exc
+    return tensors, metadata
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file without loading tensors (DsnnError if it is damaged)."""
+    src = Path(path)
+    try:
+        with safe_open(str(src), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(src, exc) from exc

@@ -4,7 +4,7 @@ Two switching designs were measured (``benchmarks/switching.py``, numbers in BEN
 
 * in-place (this module's :class:`DynamicSparsity`): the dense values of pruned tensors are kept aside and
   ``set_level`` writes ``dense * mask`` into the parameters once; every forward afterwards is a plain forward.
-* masked view (:func:`masked_parameters` + ``torch.func.functional_call``): every forward multiplies weights by the
+* masked view (:mod:`~dsnn_compress.core.masked`): every forward multiplies weights by the
   level's mask. Gradients then flow to shared dense weights only through the weights alive at that level, which
   is what joint multi-level training needs, so training uses this one.
 
@@ -70,6 +70,12 @@ class DynamicSparsity:
                 # written straight into the parameter: no temporary, about 2x faster than where() + copy_()
                 torch.where(self._codes[name] >= index, dense, torch.zeros((), dtype=dense.dtype), out=param.data)
         self._index = index
+
+    def pruned_count(self) -> int:
+        """How many weights the active level prunes (0 at dense)."""
+        if self._index == 0:
+            return 0
+        return sum(int((code < self._index).sum()) for code in self._codes.values())
 
     def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
         """The module's state dict at ``level`` without changing the active level."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import tool_metadata
-from ..core.bundle import parse_level
+from ..core.levels import level_label, parse_level, same_level
 from ..data.batch import pad_batch
 from ..data.dataset import bucket_batches
 from ..data.manifest import read_manifest
@@ -27,23 +27,7 @@ DEFAULT_BATCH_FRAMES = 30_000
 
 def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> list[float]:
     """Levels to evaluate: ``all`` or a comma list, each present in the model."""
-    if isinstance(spec, str):
-        if spec.strip().lower() == "all":
-            return list(loaded.levels)
-        wanted = [parse_level(p) for p in spec.split(",") if p.strip()]
-    else:
-        wanted = [parse_level(v) for v in spec]
-    if not wanted:
-        raise UsageError("no level given", "use --levels all or e.g. --levels 0,0.5,0.9")
-    chosen = []
-    for value in wanted:
-        match = next((lv for lv in loaded.levels if abs(lv - value) <= 1e-6), None)
-        if match is None:
-            available = ", ".join(f"{v:g}" for v in loaded.levels)
-            raise UsageError(f"level {value:g} is not in {loaded.path.name}", f"choose from {available}")
-        if match not in chosen:
-            chosen.append(match)
-    return chosen
+    return loaded.level_set().select(spec, loaded.path.name)
 
 
 def transcribe_waveforms(loaded: LoadedModel, waves: Sequence[np.ndarray], ids: Sequence[str]) -> list[str]:
@@ -113,7 +97,7 @@ def evaluate(
                 hyps[i] = normalize(text)  # scored like the references (no stray or doubled spaces)
             step += 1
             if on_progress:
-                on_progress(f"level {level:g}", step, total_steps)
+                on_progress(f"level {level_label(level)}", step, total_steps)
         words = word_errors(data.references, hyps)
         chars = char_errors(data.references, hyps)
         audio_seconds = float(sum(data.seconds))
@@ -176,7 +160,7 @@ def check_gates(report: dict[str, Any], max_wer: Sequence[str] = (), max_increas
     for kind, specs in (("max-wer", max_wer), ("max-wer-increase", max_increase)):
         for spec in specs:
             level, limit = parse_gate(spec, f"--{kind}")
-            targets = list(by_level) if level is None else [lv for lv in by_level if abs(lv - level) <= 1e-6]
+            targets = list(by_level) if level is None else [lv for lv in by_level if same_level(lv, level)]
             if level is not None and not targets:
                 raise UsageError(f"--{kind} names level {level:g}, which was not evaluated",
                                  "add it to --levels or fix the gate")

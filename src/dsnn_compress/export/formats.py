@@ -11,16 +11,21 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path, check_output_parent
+from ..atomic import atomic_path, check_output_parent, check_output_path
 from ..core.bundle import Bundle
+from ..core.levels import level_tag, parse_level
 from ..core.safetensors_io import write_safetensors
 from ..errors import DsnnError, UsageError
+from ..models.registry import adapter_from_metadata, get_family
+from ..sources.checkpoint import save_checkpoint
+from ..sources.opener import open_source
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf")
 """``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn
 checkpoint (safetensors + model description) that ``evaluate``/``transcribe`` load. ``onnx``: the network at that
 level, inputs ``features [batch, time, mels]`` and ``lengths [batch]``, outputs ``log_probs`` and ``out_lengths``.
-``hf``: a Hugging Face ``save_pretrained`` directory (``hf-ctc`` bundles only; never inferred from the name)."""
+``hf``: a Hugging Face ``save_pretrained`` directory (never inferred from the name). Which of the model formats a
+bundle can take is its family's ``export_formats``."""
 
 
 def infer_format(output: Path, requested: str | None) -> str:
@@ -36,7 +41,6 @@ def infer_format(output: Path, requested: str | None) -> str:
     return "safetensors"
 
 
-# --- hf-ctc: directory outputs of --format hf
 def check_output_dir(path: str | Path, force: bool = False) -> Path:
     """Validate a directory output before any work: parent writable, no overwrite (file or dir) without force."""
     out = Path(path)
@@ -44,25 +48,28 @@ def check_output_dir(path: str | Path, force: bool = False) -> Path:
         raise UsageError(f"output {out} already exists", "pass --force to replace it or choose another path")
     check_output_parent(out)
     return out
-# --- end hf-ctc
 
 
 def level_output_path(output: Path, level: float) -> Path:
     """Per-level file name used by ``--level all``: ``model.onnx`` -> ``model-0.7.onnx`` / ``model-dense.onnx``."""
-    tag = "dense" if level == 0 else f"{level:g}"
-    return output.with_name(f"{output.stem}-{tag}{output.suffix}")
+    return output.with_name(f"{output.stem}-{level_tag(level)}{output.suffix}")
 
 
-def _adapter_at(bundle: Bundle, level: float | str):  # noqa: ANN202 - a ModelAdapter
-    from ..models.registry import adapter_from_metadata
-
+def _adapter_at(bundle: Bundle, level: float, fmt: str):  # noqa: ANN202 - a ModelAdapter
+    """The bundle's model at ``level``, after checking that its family can be written as ``fmt``."""
     meta = bundle.metadata.get("model")
     if not isinstance(meta, dict):
         raise DsnnError("this bundle carries no model description, so only plain state dicts can be exported",
                         "use --format safetensors or torch")
+    family = get_family(str(meta.get("family")), DsnnError)
+    formats = tuple(getattr(family, "export_formats", ("checkpoint",)))
+    if fmt not in formats:
+        name = meta.get("family")
+        raise UsageError(f"--format {fmt} is not available for {name} models",
+                         "choose one of: " + ", ".join(f"--format {f}" for f in ("safetensors", "torch", *formats)))
     adapter = adapter_from_metadata(meta, bundle.state_dict_at(level))
     adapter.model.eval()
-    return adapter
+    return adapter, family
 
 
 def export_onnx(model: torch.nn.Module, output: Path, n_mels: int, opset: int = 18) -> None:
@@ -106,24 +113,14 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         with atomic_path(out) as tmp:
             torch.save(bundle.state_dict_at(value), tmp)
     elif fmt == "checkpoint":
-        from ..models.registry import save_checkpoint
-
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
-        save_checkpoint(_adapter_at(bundle, value), out, extra)
-    elif fmt == "hf":  # --- hf-ctc
-        adapter = _adapter_at(bundle, value)
-        if adapter.family != "hf-ctc":
-            raise UsageError(f"--format hf writes Hugging Face models, but this bundle holds a {adapter.family} model",
-                             "use --format checkpoint, safetensors, torch or onnx")
-        from ..models.hf_ctc import save_hf_directory
-
-        save_hf_directory(adapter, out, level=value)
+        save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra)
+    elif fmt == "hf":
+        adapter, family = _adapter_at(bundle, value, fmt)
+        family.save_directory(adapter, out, level=value)
     else:
-        adapter = _adapter_at(bundle, value)
-        if adapter.family == "hf-ctc":  # --- hf-ctc
-            raise UsageError("ONNX export of Hugging Face (hf-ctc) models is not supported",
-                             "export --format hf and convert that directory with Hugging Face Optimum")
+        adapter, _ = _adapter_at(bundle, value, fmt)
         n_mels = int(adapter.metadata().get("features", {}).get("n_mels", 80))
         export_onnx(adapter.model, out, n_mels)
     return out
@@ -135,3 +132,23 @@ def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: s
     if isinstance(level, str) and level.strip().lower() == "all":
         return [export_level(bundle, lv, level_output_path(out, lv), fmt) for lv in bundle.all_levels]
     return [export_level(bundle, level, out, fmt)]
+
+
+def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: str | None = None,
+                  force: bool = False) -> list[Path]:
+    """``dsnn export``: check the level and every output path first, then write the level(s) of the bundle."""
+    out = Path(output)
+    every = level.strip().lower() == "all"
+    if not every:
+        parse_level(level)
+    resolved = infer_format(out, fmt)
+    bundle = open_source(bundle_path, role="bundle").require_bundle()
+    targets = [level_output_path(out, lv) for lv in bundle.all_levels] if every else [out]
+    if not every:
+        bundle.level_index(level)
+    for target in targets:
+        if resolved == "hf":  # a directory
+            check_output_dir(target, force)
+        else:
+            check_output_path(target, force)
+    return export_levels(bundle, level, out, resolved)

@@ -1,4 +1,4 @@
-"""Model family registry, adapter construction and self-describing built-in checkpoints.
+"""Model family registry: families, how adapters are built, and how families recognise model directories.
 
 A *family* is a factory object with two methods (see :class:`FamilyFactory`):
 
@@ -12,29 +12,24 @@ registered here. Other modules add families with :func:`register_family` (for ex
 family registered on import of its module); :func:`register_lazy_family` names a module that is imported
 the first time an unknown family is looked up, so checkpoints of such a family load without the caller
 importing it first.
+
+Optional family capabilities, read with ``getattr``: ``export_formats`` (the model formats beyond plain state dicts
+that ``dsnn export`` can write for the family: ``checkpoint``, ``onnx``, ``hf``) and ``save_directory(adapter,
+output, level)`` (writes the ``hf`` format). A family whose models live in directories registers a *describer*
+(:func:`register_directory_describer`) so that :func:`~dsnn_compress.sources.opener.open_source` recognises them.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..atomic import atomic_path
 from ..errors import DsnnError, UsageError
 from .base import ModelAdapter
 from .builtin import CONFORMER_CTC, LSTM_CTC
-
-MODEL_METADATA_KEY = "model"
-"""Safetensors ``__metadata__`` field holding ``json.dumps(adapter.metadata())``."""
-CHECKPOINT_FORMAT = "dsnn-checkpoint"
-CHECKPOINT_FORMAT_VERSION = "1"
-RESERVED_METADATA_KEYS = ("format", "format_version", MODEL_METADATA_KEY)
 
 _FIX_HINT = (
     "the file and its model description disagree (damaged file or edited tensors); "
@@ -161,79 +156,29 @@ def adapter_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.T
     return adapter
 
 
-def save_checkpoint(
-    adapter: ModelAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None
-) -> None:
-    """Write a self-describing dsnn checkpoint (safetensors; model description in ``__metadata__``)."""
-    from safetensors.torch import save_file
-
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        MODEL_METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
-    }
-    for key, value in (extra_metadata or {}).items():
-        if key in RESERVED_METADATA_KEYS:
-            raise ValueError(f"extra checkpoint metadata may not set the reserved key {key!r}")
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"checkpoint metadata must map str to str (got {key!r}: {type(value).__name__})")
-        metadata[key] = value
-    tensors = {
-        name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in adapter.model.state_dict().items()
-    }
-    try:
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-    except OSError as exc:
-        raise DsnnError(f"cannot write checkpoint {path}: {exc}", "check the output path and free space") from exc
+_DESCRIBERS: dict[str, tuple[str, str]] = {}
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file (empty dict if none); DsnnError if unreadable."""
-    from safetensors import safe_open
+def register_directory_describer(family: str, module: str, function: str) -> None:
+    """Declare that ``module.function(text_files, tensor_names)`` recognises a model directory of ``family``.
 
-    file = Path(path)
-    if not file.is_file():
-        raise DsnnError(f"checkpoint {file} does not exist", "check the path")
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise DsnnError(f"{file} is not a readable safetensors file: {exc}", "give a .safetensors checkpoint") from exc
+    The function gets a directory's small text files (``{"config.json": text, ...}``) and its tensor names and
+    returns the family's model description, or None when the directory is not one of its models. The module is
+    imported on first use, so a describer costs nothing until a directory is opened (and must not import heavy
+    optional dependencies at module level).
+    """
+    _DESCRIBERS[family] = (module, function)
 
 
-def load_checkpoint_adapter(path: str | os.PathLike) -> ModelAdapter:
-    """Rebuild an adapter, weights loaded, from a checkpoint written by :func:`save_checkpoint`."""
-    from safetensors.torch import load_file
+def describe_directory(text_files: Mapping[str, str], tensor_names: list[str]) -> dict[str, Any] | None:
+    """The model description of a model directory from the first family that recognises it, else None."""
+    for module, function in _DESCRIBERS.values():
+        describer = getattr(importlib.import_module(module), function)
+        meta = describer(text_files, tensor_names)
+        if meta is not None:
+            return meta
+    return None
 
-    file = Path(path)
-    metadata = read_checkpoint_metadata(file)
-    fmt = metadata.get("format")
-    if fmt is not None and fmt != CHECKPOINT_FORMAT:
-        raise DsnnError(
-            f"{file} is a {fmt!r} file, not a {CHECKPOINT_FORMAT}",
-            "give a checkpoint written by dsnn-compress (train/finetune/export-level)",
-        )
-    version = metadata.get("format_version", CHECKPOINT_FORMAT_VERSION)
-    if fmt is not None and version != CHECKPOINT_FORMAT_VERSION:
-        raise DsnnError(
-            f"{file} is {CHECKPOINT_FORMAT} version {version}; this dsnn-compress reads version "
-            f"{CHECKPOINT_FORMAT_VERSION}",
-            "upgrade dsnn-compress",
-        )
-    raw = metadata.get(MODEL_METADATA_KEY)
-    if raw is None:
-        raise DsnnError(
-            f"{file} carries no model description (no {MODEL_METADATA_KEY!r} metadata), so the model "
-            "cannot be rebuilt from it",
-            "use a checkpoint written by dsnn-compress, which records the family, config and vocabulary",
-        )
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DsnnError(f"{file} has malformed model metadata: {exc}", _FIX_HINT) from exc
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise DsnnError(f"cannot read the tensors of {file}: {exc}", _FIX_HINT) from exc
-    return adapter_from_metadata(meta, tensors)
+
+# hf-ctc (Hugging Face Wav2Vec2ForCTC & co.): its directory describer needs no transformers
+register_directory_describer("hf-ctc", "dsnn_compress.models.hf_ctc", "hf_metadata_from_files")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.bundle import Bundle
+from ..core.levels import level_label
 
 
 def human_bytes(num: float) -> str:
@@ -69,7 +70,7 @@ def levels_table(report: dict[str, Any], title: str) -> Table:
     table.add_column("nonzero bytes", justify="right")
     for entry in report["levels"]:
         table.add_row(
-            "dense" if entry["level"] == 0 else f"{entry['level']:g}",
+            level_label(entry["level"]),
             pct(entry["prunable_sparsity"]),
             pct(entry["overall_sparsity"]),
             f"{entry['nonzero_params']:,}",
@@ -117,10 +118,6 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
-def _level_name(level: float) -> str:
-    return "dense" if level == 0 else f"{level:g}"
-
-
 def evaluation_table(report: dict[str, Any]) -> Table:
     """WER/CER per level with S/D/I, nonzero parameters and RTFx."""
     model = report["model"]
@@ -131,7 +128,7 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     for entry in report["levels"]:
         words = entry["words"]
         table.add_row(
-            _level_name(entry["level"]), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
+            level_label(entry["level"]), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
             str(words["substitutions"]),
             str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
             f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
@@ -155,7 +152,7 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
         w = e["words"]
         rtfx = f"{e['rtfx']:.1f}" if e["rtfx"] else "-"
         lines.append(
-            f"| {_level_name(e['level'])} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
+            f"| {level_label(e['level'])} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
             f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
             f"{e['utterances_skipped']} |"
         )
@@ -165,6 +162,22 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
     if report.get("gates"):
         lines += ["", "| gate | level | value % | limit % | result |", "|---|---|---:|---:|---|"]
         for g in report["gates"]:
-            lines.append(f"| {g['gate']} | {_level_name(g['level'])} | {g['value']:.2f} | {g['limit']:g} | "
+            lines.append(f"| {g['gate']} | {level_label(g['level'])} | {g['value']:.2f} | {g['limit']:g} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
+
+
+def demo_tables(rows: list[dict[str, Any]], utterances: int, files: dict[str, Any]) -> list[Table]:
+    """The demo's result: WER one-shot vs fine-tuned per level, and the files it wrote."""
+    table = Table(title=f"WER per sparsity level on {utterances} embedded test utterances (unseen speakers)",
+                  title_justify="left")
+    for column in ("level", "WER % one-shot", "WER % fine-tuned", "CER % fine-tuned", "nonzero params", "RTFx"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for row in rows:
+        table.add_row(level_label(row["level"]), f"{100 * row['wer_oneshot']:.2f}",
+                      f"{100 * row['wer_finetuned']:.2f}", f"{100 * row['cer_finetuned']:.2f}",
+                      f"{row['nonzero_params']:,}", f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
+    listing = Table(title="files", title_justify="left", show_header=False)
+    for name, path in files.items():
+        listing.add_row(name, str(path))
+    return [table, listing]

@@ -1,4 +1,5 @@
-"""Read a dense source checkpoint of any supported kind into a flat ``name -> tensor`` dict.
+"""Readers of the weight files a source may hold: torch files, Hugging Face directories (safetensors files are
+read by :mod:`~dsnn_compress.core.safetensors_io`). Which reader applies is decided by :mod:`.opener` alone.
 
 Supported: ``.safetensors``; ``.pt/.pth/.bin/.ckpt`` via ``torch.load(weights_only=True)`` (pickled code is
 refused), with ``state_dict`` / ``model`` / ``module`` nesting unwrapped; a Hugging Face ``save_pretrained``
@@ -12,13 +13,12 @@ import hashlib
 import json
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from ..core.safetensors_io import read_safetensors
 from ..errors import DsnnError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -33,35 +33,6 @@ HF_KEPT_MAX_BYTES = 4 * 1024 * 1024
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
 
-@dataclass
-class SourceCheckpoint:
-    """A loaded dense checkpoint: tensors plus where they came from."""
-
-    tensors: dict[str, torch.Tensor]
-    kind: str
-    """``safetensors``, ``torch`` or ``hf-dir``."""
-    path: Path
-    sha256: str
-    file_metadata: dict[str, str] = field(default_factory=dict)
-    """``__metadata__`` of a safetensors source (a dsnn checkpoint keeps its model description here)."""
-    hf_files: dict[str, str] = field(default_factory=dict)
-    """Small text files of a Hugging Face directory (config.json, vocab.json, ...), by file name."""
-    skipped_entries: list[str] = field(default_factory=list)
-    """Non-tensor entries of a torch state dict that were ignored."""
-
-    @property
-    def model_metadata(self) -> dict[str, Any] | None:
-        """The dsnn model description (family, config, vocabulary) if the source carries one."""
-        raw = self.file_metadata.get("model")
-        if raw is None:
-            return None
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise DsnnError(f"{self.path}: the 'model' metadata is not valid JSON", "re-save the checkpoint") from None
-        return value if isinstance(value, dict) else None
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -69,20 +40,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the ``__metadata__`` of a safetensors file, with corrupt files reported clearly."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise DsnnError(
-            f"{path} is not a readable safetensors file ({_short(exc)})",
-            "the file may be truncated or corrupt; re-export it",
-        ) from exc
-    return tensors, metadata
 
 
 def _short(exc: BaseException) -> str:
@@ -130,7 +87,7 @@ def _flatten_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[
     return tensors, skipped
 
 
-def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, str]]:
+def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, str]]:
     """Weights of a ``save_pretrained`` directory, the file that was hashed, and the small text files."""
     hf_files: dict[str, str] = {}
     for item in sorted(path.iterdir()):
@@ -156,16 +113,16 @@ def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, s
                 shard_path = path / shard
                 if not shard_path.is_file():
                     raise DsnnError(f"shard {shard_path} listed in {candidate.name} is missing", "copy all shards")
-                tensors.update(_read_any_file(shard_path)[0])
+                tensors.update(read_weights_file(shard_path)[0])
             return tensors, candidate, hf_files
-        return _read_any_file(candidate)[0], candidate, hf_files
+        return read_weights_file(candidate)[0], candidate, hf_files
     raise DsnnError(
         f"{path} has config.json but no model.safetensors or pytorch_model.bin",
         "point at a complete save_pretrained directory",
     )
 
 
-def _read_any_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         return tensors, metadata, []
@@ -176,30 +133,3 @@ def _read_any_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str],
         f"{path} has an unsupported extension {path.suffix!r}",
         "use .safetensors, .pt, .pth, .bin, .ckpt or a Hugging Face model directory",
     )
-
-
-def load_source(path: str | Path) -> SourceCheckpoint:
-    """Load a dense checkpoint from a file or Hugging Face directory; reject DSNN bundles and empty files."""
-    src = Path(path)
-    if not src.exists():
-        raise DsnnError(f"checkpoint {src} does not exist", "check the path")
-    if src.is_dir():
-        if not (src / "config.json").is_file():
-            raise DsnnError(
-                f"{src} is a directory without config.json",
-                "pass a checkpoint file or a Hugging Face save_pretrained directory",
-            )
-        tensors, hashed, hf_files = _read_hf_dir(src)
-        source = SourceCheckpoint(tensors, "hf-dir", src, sha256_file(hashed), hf_files=hf_files)
-    else:
-        tensors, metadata, skipped = _read_any_file(src)
-        kind = "safetensors" if src.suffix == ".safetensors" else "torch"
-        source = SourceCheckpoint(tensors, kind, src, sha256_file(src), metadata, skipped_entries=skipped)
-        if metadata.get("format") == "dsnn-bundle":
-            raise DsnnError(
-                f"{src} is already a DSNN bundle",
-                "prune the dense checkpoint instead, or `dsnn export --level 0` it first",
-            )
-    if not source.tensors:
-        raise DsnnError(f"checkpoint {src} contains no tensors", "check that it is the right file")
-    return source

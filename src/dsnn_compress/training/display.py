@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..console import err
+from ..core.levels import Levels
 
 
 def _losses(losses: dict[str, float]) -> str:
@@ -41,7 +42,7 @@ class TrainingDisplay:
         if event == "start":
             self.task = self.progress.add_task("training", total=data["steps"], completed=data["start_step"],
                                                info="")
-            levels = ", ".join(["dense", *[f"{v:g}" for v in data["levels"]]])
+            levels = ", ".join(Levels(tuple(data["levels"])).labels())
             err.print(f"training {data['params']:,} parameters on {data['device']} (world {data['world']}), "
                       f"levels {levels}, {data['steps']} steps ({data['per_epoch']} per epoch); log: {data['log']}")
         elif event in ("tick", "step"):

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from ..core.bundle import load_bundle
 from ..core.masks import codes_at_sparsities, compute_codes
 from ..core.schedule import scheduled_levels
 from ..core.selection import select_prunable
@@ -18,7 +17,8 @@ from ..data.manifest import read_manifest
 from ..data.text import CharTokenizer, normalize_text
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
-from ..sources.runnable import read_safetensors_metadata
+from ..models.registry import new_adapter
+from ..sources.opener import open_source
 from .recipe import Recipe
 
 
@@ -34,10 +34,11 @@ class ModelSetup:
 
 
 def build_model(recipe: Recipe) -> ModelSetup:
-    """Create or load the model named by the recipe and its initial codes."""
-    from ..models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter
-    from ..sources.files import sha256_file
+    """Create the model named by the recipe (``model.init`` unset) or open ``model.init``, with its initial codes.
 
+    A bundle brings its own levels and codes (recipe levels must agree); a dsnn checkpoint or a supported model
+    directory is pruned here at the recipe's levels.
+    """
     init = recipe.model.init
     levels: tuple[float, ...] = tuple(recipe.levels or ())
     if init is None:
@@ -49,45 +50,31 @@ def build_model(recipe: Recipe) -> ModelSetup:
         source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
         codes = initial_codes(adapter, levels, recipe) if levels else {}
         return ModelSetup(adapter, codes, levels, source)
-    # --- hf-ctc: a Hugging Face save_pretrained directory (models/hf_ctc.py)
-    if Path(init).is_dir():
-        from ..models.hf_ctc import adapter_from_source
-        from ..sources.files import load_source
-
-        hf_source = load_source(init)
-        adapter = adapter_from_source(hf_source, recipe.model.normalizer)
-        source = {"file": Path(init).name, "sha256": hf_source.sha256, "kind": hf_source.kind}
-        codes = initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, source)
-    # --- end hf-ctc
-    if not Path(init).is_file():
+    if not Path(init).exists():
         raise DsnnError(f"model.init {init} does not exist",
                         "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
-    metadata = read_safetensors_metadata(Path(init))
-    source = {"file": Path(init).name, "sha256": sha256_file(Path(init)), "kind": metadata.get("format")}
-    if metadata.get("format") == "dsnn-bundle":
-        bundle = load_bundle(init)
-        meta = bundle.metadata.get("model")
-        if not isinstance(meta, dict):
-            raise DsnnError(f"bundle {init} carries no model description, so it cannot be fine-tuned",
-                            "prune a self-describing dsnn checkpoint")
-        if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
-            raise UsageError(
-                f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
-                "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
-            )
-        adapter = adapter_from_metadata(meta, bundle.tensors)
-        base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
-        setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, source, base)
-        if recipe.schedule.enabled:
-            setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0)
-        return setup
-    adapter = load_checkpoint_adapter(init)
-    codes = initial_codes(adapter, levels, recipe) if levels else {}
-    return ModelSetup(adapter, codes, levels, source)
+    opened = open_source(init)
+    # the directory families' descriptions carry the recipe's normaliser; a dsnn checkpoint keeps its own
+    normalizer = recipe.model.normalizer if opened.kind == "hf-dir" else None
+    adapter = opened.adapter(normalizer, purpose="finetune")
+    if opened.bundle is None:
+        codes = initial_codes(adapter, levels, recipe) if levels else {}
+        return ModelSetup(adapter, codes, levels, opened.provenance())
+    bundle = opened.bundle
+    if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
+        raise UsageError(
+            f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
+            "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
+        )
+    base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
+    setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base)
+    if recipe.schedule.enabled:
+        setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0)
+    return setup
 
 
 def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Codes of the recipe's prunable set at ``levels`` (at step 0 of the gradual schedule when it is enabled)."""
     params = dict(adapter.model.named_parameters())
     names = select_prunable(params, recipe.include, recipe.exclude,
                             None if recipe.include else adapter.default_prunable())
@@ -99,6 +86,7 @@ def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Reci
 
 def scheduled_codes(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Sequence[float], recipe: Recipe,
                step: int) -> dict[str, torch.Tensor]:
+    """Codes recomputed from the current magnitudes at the gradual schedule's sparsities for ``step`` (nested)."""
     params = dict(adapter.model.named_parameters())
     tensors = {n: params[n].detach().cpu() for n in codes}
     fresh = codes_at_sparsities(tensors, scheduled_levels(levels, step, recipe.schedule), recipe.allocation)

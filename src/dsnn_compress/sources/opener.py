@@ -1,0 +1,222 @@
+"""The one place that recognises inputs: :func:`open_source` turns a path into a :class:`Source`.
+
+Every command starts here. A *reader* recognises one kind of input and reads it; readers are tried in order and the
+first that recognises the path wins:
+
+* ``dsnn-bundle``: a safetensors file with ``format = dsnn-bundle`` metadata (weights, keep codes, levels);
+* ``dsnn-checkpoint``: a safetensors file carrying a dsnn model description (written by ``finetune``/``export``);
+* ``safetensors``: any other safetensors file (a plain state dict);
+* ``torch``: ``.pt/.pth/.bin/.ckpt``, loaded with ``torch.load(weights_only=True)``, common nesting unwrapped;
+* ``hf-dir``: a Hugging Face ``save_pretrained`` directory (``config.json`` plus weights); the model families'
+  directory describers (``models.registry.describe_directory``) say whether it is a model dsnn can run.
+
+A new kind of input (another toolkit's model directory, say) is one more reader registered with
+:func:`register_reader`, ahead of the generic ones; a new model family stored as a Hugging Face directory only
+registers a describer in ``models.registry``. Callers never change: they get a :class:`Source` with the tensors,
+the model description when the input has one (:meth:`Source.adapter` builds the runnable model), the codes and
+levels of a bundle, and provenance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.bundle import FORMAT_NAME as BUNDLE_FORMAT
+from ..core.bundle import Bundle, load_bundle
+from ..core.levels import Levels
+from ..core.safetensors_io import read_safetensors, read_safetensors_metadata
+from ..errors import DsnnError
+from ..models.base import ModelAdapter
+from ..models.registry import adapter_from_metadata, describe_directory
+from .checkpoint import CHECKPOINT_FORMAT, MODEL_METADATA_KEY, check_checkpoint_metadata
+from .files import TORCH_SUFFIXES, read_hf_dir, read_torch_file, sha256_file
+
+
+@dataclass
+class Source:
+    """An opened input: its tensors, what it describes, and where it came from."""
+
+    path: Path
+    kind: str
+    """``dsnn-bundle``, ``dsnn-checkpoint``, ``safetensors``, ``torch``, ``hf-dir`` (or a plugin's kind)."""
+    tensors: dict[str, torch.Tensor]
+    hashed_file: Path
+    """The file whose sha256 identifies the source (the weights file of a directory)."""
+    model_meta: dict[str, Any] | None = None
+    """The model description (family, config, vocabulary...) when the input describes a model dsnn can run."""
+    bundle: Bundle | None = None
+    """For a bundle: the codes, levels and metadata."""
+    file_metadata: dict[str, str] = field(default_factory=dict)
+    hf_files: dict[str, str] = field(default_factory=dict)
+    """Small text files of a model directory (config.json, vocab.json, ...), by name."""
+    skipped_entries: list[str] = field(default_factory=list)
+    """Non-tensor entries of a torch state dict that were ignored."""
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hex sha256 of :attr:`hashed_file` (computed on first use)."""
+        return sha256_file(self.hashed_file)
+
+    @property
+    def is_bundle(self) -> bool:
+        """True for a DSNN bundle."""
+        return self.bundle is not None
+
+    @property
+    def levels(self) -> Levels:
+        """The bundle's sparse levels (empty for anything else)."""
+        return Levels(self.bundle.levels) if self.bundle is not None else Levels()
+
+    @property
+    def codes(self) -> dict[str, torch.Tensor]:
+        """The bundle's keep codes (empty for anything else)."""
+        return dict(self.bundle.codes) if self.bundle is not None else {}
+
+    @property
+    def runnable(self) -> bool:
+        """True when the input describes a model dsnn can rebuild and run."""
+        return self.model_meta is not None
+
+    @property
+    def container(self) -> str:
+        """The physical format: ``safetensors``, ``torch`` or ``hf-dir`` (a bundle or checkpoint is safetensors)."""
+        return "safetensors" if self.kind in (BUNDLE_FORMAT, CHECKPOINT_FORMAT) else self.kind
+
+    def require_bundle(self) -> Bundle:
+        """The bundle, or the error a command that needs one gives for anything else."""
+        if self.bundle is None:
+            raise DsnnError(f"{self.path} is not a DSNN bundle (no format={BUNDLE_FORMAT} metadata)",
+                            "create a bundle with `dsnn prune CHECKPOINT --levels ... -o BUNDLE`")
+        return self.bundle
+
+    def provenance(self, physical: bool = False) -> dict[str, Any]:
+        """``{"file", "sha256", "kind"}``: what bundles record as their source. ``kind`` is :attr:`kind`, or with
+        ``physical`` the :attr:`container` (what ``dsnn prune`` records for the dense checkpoint)."""
+        return {"file": self.path.name, "sha256": self.sha256, "kind": self.container if physical else self.kind}
+
+    def adapter(self, normalizer: str | None = None, purpose: str = "run") -> ModelAdapter:
+        """The runnable model with this source's weights loaded (eval mode); DsnnError when the input has no model
+        description. ``normalizer`` replaces the description's text normaliser; ``purpose`` words the error."""
+        if self.model_meta is None:
+            raise DsnnError(f"{self.path} carries no model description, so it cannot be {_PURPOSES[purpose]}",
+                            _NO_MODEL_HINT[self.kind] if self.kind in _NO_MODEL_HINT else _NO_MODEL_HINT["*"])
+        meta = dict(self.model_meta)
+        if normalizer is not None:
+            meta["normalizer"] = normalizer
+        adapter = adapter_from_metadata(meta, self.tensors)
+        adapter.model.eval()
+        return adapter
+
+
+_MISSING_HINT = {
+    "bundle": "check the path, or create one with `dsnn prune`",
+    "model": "pass a DSNN bundle or a dsnn checkpoint (.safetensors)",
+}
+_PURPOSES = {"run": "run", "finetune": "fine-tuned", "export": "exported as a model"}
+_NO_MODEL_HINT = {
+    "dsnn-bundle": "prune a checkpoint that describes its model (a dsnn checkpoint or a supported Hugging Face "
+                   "model directory) to get a runnable bundle",
+    "hf-dir": "supported Hugging Face architectures are listed in docs/huggingface.md",
+    "*": "pass a DSNN bundle, a dsnn checkpoint or a supported Hugging Face model directory",
+}
+
+
+@dataclass(frozen=True)
+class SourceReader:
+    """A kind of input: ``recognises(path)`` is cheap (names, headers); ``read(path)`` loads it."""
+
+    kind: str
+    recognises: Callable[[Path], bool]
+    read: Callable[[Path], Source]
+
+
+_READERS: list[SourceReader] = []
+
+
+def register_reader(reader: SourceReader, first: bool = True) -> None:
+    """Add a reader; ``first`` puts it ahead of the built-in ones (specific kinds before generic ones)."""
+    _READERS.insert(0 if first else len(_READERS), reader)
+
+
+def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input") -> Source:
+    """Open ``path`` with the first reader that recognises it; DsnnError naming what is accepted otherwise.
+
+    ``role`` names the input in messages (``checkpoint``, ``bundle``, ``model``). With ``allow_bundle=False``
+    (inputs that must be dense, as for ``dsnn prune``) a DSNN bundle is refused before it is read.
+    """
+    src = Path(path)
+    if not src.exists():
+        raise DsnnError(f"{role} {src} does not exist", _MISSING_HINT.get(role, "check the path"))
+    if (not allow_bundle and src.is_file() and src.suffix == ".safetensors"
+            and read_safetensors_metadata(src).get("format") == BUNDLE_FORMAT):
+        raise DsnnError(f"{src} is already a DSNN bundle",
+                        "prune the dense checkpoint instead, or `dsnn export --level 0` it first")
+    for reader in _READERS:
+        if reader.recognises(src):
+            source = reader.read(src)
+            if not source.tensors:
+                raise DsnnError(f"checkpoint {src} contains no tensors", "check that it is the right file")
+            return source
+    if src.is_dir():
+        raise DsnnError(f"{src} is a directory without config.json",
+                        "pass a checkpoint file or a Hugging Face save_pretrained directory")
+    raise DsnnError(f"{src} has an unsupported extension {src.suffix!r}",
+                    "use .safetensors, .pt, .pth, .bin, .ckpt or a Hugging Face model directory")
+
+
+# ----------------------------------------------------------------------------------------------- built-in readers
+
+
+def _read_safetensors_file(path: Path) -> Source:
+    """A bundle, a dsnn checkpoint or a plain state dict, told apart by the file's metadata (read once)."""
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("format") == BUNDLE_FORMAT:
+        return _read_bundle(path)
+    if metadata.get("format") == CHECKPOINT_FORMAT or MODEL_METADATA_KEY in metadata:
+        return _read_checkpoint(path)
+    tensors, metadata = read_safetensors(path)
+    return Source(path, "safetensors", tensors, path, file_metadata=metadata)
+
+
+def _read_bundle(path: Path) -> Source:
+    bundle = load_bundle(path)
+    meta = bundle.metadata.get("model")
+    return Source(path, BUNDLE_FORMAT, bundle.tensors, path, meta if isinstance(meta, dict) else None, bundle,
+                  hf_files=dict(bundle.metadata.get("hf_files") or {}))
+
+
+def _read_checkpoint(path: Path) -> Source:
+    tensors, metadata = read_safetensors(path)
+    check_checkpoint_metadata(path, metadata)
+    try:
+        meta = json.loads(metadata[MODEL_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise DsnnError(f"{path} has malformed model metadata: {exc}", "re-save the checkpoint") from exc
+    if not isinstance(meta, dict):
+        raise DsnnError(f"{path}: the 'model' metadata is not a JSON object", "re-save the checkpoint")
+    return Source(path, CHECKPOINT_FORMAT, tensors, path, meta, file_metadata=metadata)
+
+
+def _read_torch(path: Path) -> Source:
+    tensors, skipped = read_torch_file(path)
+    return Source(path, "torch", tensors, path, skipped_entries=skipped)
+
+
+def _read_hf(path: Path) -> Source:
+    tensors, hashed, hf_files = read_hf_dir(path)
+    meta = describe_directory(hf_files, list(tensors))
+    return Source(path, "hf-dir", tensors, hashed, meta, hf_files=hf_files)
+
+
+register_reader(SourceReader("safetensors", lambda p: p.is_file() and p.suffix == ".safetensors",
+                             _read_safetensors_file), first=False)
+register_reader(SourceReader("torch", lambda p: p.is_file() and p.suffix in TORCH_SUFFIXES, _read_torch), first=False)
+register_reader(SourceReader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _read_hf),
+                first=False)
