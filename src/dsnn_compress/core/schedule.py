@@ -14,8 +14,25 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Protocol
 
-from ..training.recipe import LRScheduleConfig, PruningScheduleConfig
+
+class PruningScheduleSettings(Protocol):
+    """What the gradual schedule reads (a recipe's ``schedule`` section satisfies it)."""
+
+    enabled: bool
+    initial_fraction: float
+    start_step: int
+    end_step: int
+    update_every: int
+
+
+class LRScheduleSettings(Protocol):
+    """What the learning-rate curve reads (a recipe's ``lr_schedule`` section satisfies it)."""
+
+    warmup_steps: int
+    decay: str
+    min_lr_ratio: float
 
 
 def cubic_fraction(step: int, start_step: int, end_step: int, initial_fraction: float = 0.0) -> float:
@@ -32,7 +49,7 @@ def cubic_fraction(step: int, start_step: int, end_step: int, initial_fraction: 
     return 1.0 + (initial_fraction - 1.0) * (1.0 - progress) ** 3
 
 
-def scheduled_levels(targets: Sequence[float], step: int, cfg: PruningScheduleConfig) -> list[float]:
+def scheduled_levels(targets: Sequence[float], step: int, cfg: PruningScheduleSettings) -> list[float]:
     """Each level's sparsity at ``step``: ``target * cubic_fraction(...)`` when the schedule is enabled, else the
     targets. All levels share one fraction, so increasing targets stay non-decreasing (values may be 0)."""
     if not cfg.enabled:
@@ -41,7 +58,7 @@ def scheduled_levels(targets: Sequence[float], step: int, cfg: PruningScheduleCo
     return [float(t) * fraction for t in targets]
 
 
-def should_update_codes(step: int, cfg: PruningScheduleConfig) -> bool:
+def should_update_codes(step: int, cfg: PruningScheduleSettings) -> bool:
     """Whether the keep codes are recomputed at ``step``: every ``update_every`` steps from ``start_step`` up to
     ``end_step``, and at ``end_step`` itself. Always False when the schedule is disabled."""
     if not cfg.enabled or not cfg.start_step <= step <= cfg.end_step:
@@ -49,7 +66,7 @@ def should_update_codes(step: int, cfg: PruningScheduleConfig) -> bool:
     return step == cfg.end_step or (step - cfg.start_step) % cfg.update_every == 0
 
 
-def lr_at(step: int, base_lr: float, cfg: LRScheduleConfig, total_steps: int) -> float:
+def lr_at(step: int, base_lr: float, cfg: LRScheduleSettings, total_steps: int) -> float:
     """The learning rate of (0-based) ``step`` in a run of ``total_steps`` steps.
 
     * warm-up (``step < warmup_steps``): ``base_lr * (step + 1) / warmup_steps``, so the last warm-up step uses

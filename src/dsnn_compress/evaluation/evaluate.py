@@ -59,7 +59,7 @@ def evaluate(
         raise UsageError("--batch-frames must be positive")
     loaded = load_model(model_path)
     chosen = select_levels(loaded, levels)
-    norm = normalizer or getattr(loaded.adapter, "normalizer", "default")
+    norm = normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name
     utterances = read_manifest(data_path)
     done = 0

@@ -1,0 +1,161 @@
+"""The package's layering, checked on its source (``ast``), so that it stays as docs/architecture.md draws it.
+
+Stages, lowest first: ``core`` (levels, masks, selection, bundle, switching, masked forward, schedule, safetensors)
+and ``data`` know nothing above them; ``models`` know core and data; ``sources`` open inputs with models' help;
+``training``, ``evaluation`` and ``export`` use sources; ``report`` formats results; ``cli`` and ``demo`` sit on top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dsnn_compress"
+STAGES = ("core", "data", "models", "sources", "training", "evaluation", "export", "report")
+TOP = ("cli", "demo", "prune", "console", "__main__")
+UTILITIES = ("errors", "atomic", "")  # "" = the package itself (version, tool_metadata)
+
+FORBIDDEN: dict[str, set[str]] = {
+    "core": set(STAGES) - {"core"} | set(TOP),
+    "data": set(STAGES) - {"data", "core"} | set(TOP),
+    "models": {"sources", "training", "evaluation", "export", "report", *TOP},
+    "sources": {"training", "evaluation", "export", "report", *TOP},
+    "evaluation": {"training", "export", "report", *TOP},
+    "training": {"export", "report", "cli", "demo", "prune", "__main__"},
+    "export": {"training", "evaluation", "report", *TOP},
+    "report": {"training", "evaluation", "sources", "export", *TOP},
+}
+"""Stage -> the stages and top-level modules it must not import."""
+
+THIRD_PARTY_PRIVATE = {"_register_state_dict_hook", "_register_load_state_dict_pre_hook",
+                       "_get_feat_extract_output_lengths"}
+"""Private methods of torch / transformers objects that the code calls on purpose (no public equivalent)."""
+
+MAX_LINES = 450
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name (relative to the package) -> file."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def imported(name: str, path: Path) -> set[str]:
+    """Package-relative dotted names of everything ``name`` imports from the package (relative or absolute)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            elif node.module and node.module.startswith("dsnn_compress"):
+                target = node.module[len("dsnn_compress"):].lstrip(".")
+            else:
+                continue
+            found.add(target)
+            found.update(f"{target}.{alias.name}".lstrip(".") for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name[len("dsnn_compress"):].lstrip(".") for a in node.names
+                         if a.name.startswith("dsnn_compress"))
+    return found
+
+
+def stage_of(dotted: str) -> str:
+    return dotted.split(".")[0]
+
+
+def test_the_walker_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
+    fake = tmp_path / "mod.py"
+    fake.write_text("from ..training.trainer import finetune\nfrom . import masks\nimport dsnn_compress.cli\n")
+    assert imported("core.mod", fake) >= {"training.trainer", "training.trainer.finetune", "core.masks", "cli"}
+
+
+@pytest.mark.parametrize("stage", sorted(FORBIDDEN))
+def test_no_stage_imports_above_itself(stage: str) -> None:
+    bad = []
+    for name, path in modules().items():
+        if stage_of(name) != stage:
+            continue
+        for target in imported(name, path):
+            if stage_of(target) in FORBIDDEN[stage]:
+                bad.append(f"{name} imports {target}")
+    assert not bad, "forbidden imports:\n" + "\n".join(sorted(bad))
+
+
+def test_nothing_but_the_entry_points_import_the_cli_or_the_demo() -> None:
+    bad = [f"{name} imports {target}" for name, path in modules().items() if name not in ("__main__", "cli")
+           for target in imported(name, path) if stage_of(target) in ("cli", "demo")]
+    assert not bad, bad
+
+
+def test_adapters_print_nothing() -> None:
+    """Model code reports through return values and errors; only the CLI and reports write to the terminal."""
+    bad = []
+    for name, path in modules().items():
+        if stage_of(name) != "models":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                bad.append(f"{name}:{node.lineno} calls print")
+        bad += [f"{name} imports {t}" for t in imported(name, path) if t.split(".")[0] == "console"]
+        bad += [f"{name} imports rich" for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                and any((getattr(node, "module", None) or a.name).startswith("rich") for a in node.names)]
+    assert not bad, bad
+
+
+def test_no_module_reads_another_modules_private_names() -> None:
+    """``from x import _name`` across modules, or ``obj._attr`` where ``_attr`` belongs to another module."""
+    all_modules = modules()
+    own_private: dict[str, set[str]] = {}
+    trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in all_modules.items()}
+    for name, tree in trees.items():
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self",
+                                                                                                          "cls"):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+        own_private[name] = {n for n in names if n.startswith("_") and not n.startswith("__")}
+    bad = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dsnn_compress")):
+                bad += [f"{name}:{node.lineno} imports {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                  and node.attr not in own_private[name] and node.attr not in THIRD_PARTY_PRIVATE):
+                bad.append(f"{name}:{node.lineno} reads {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_source_module_is_over_the_size_limit() -> None:
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
+    assert not {n: s for n, s in sizes.items() if s > MAX_LINES}, f"modules over {MAX_LINES} lines"
+
+
+def test_one_opener_recognises_inputs() -> None:
+    """Only sources/ decides what kind of file an input is: nobody else calls the readers or torch.load."""
+    bad = []
+    for name, path in modules().items():
+        if stage_of(name) in ("sources",) or name == "core.safetensors_io":
+            continue
+        text = path.read_text(encoding="utf-8")
+        for needle in ("torch.load(", "safe_open(", "load_file(", "read_torch_file(", "read_hf_dir("):
+            if needle in text:
+                bad.append(f"{name} calls {needle}")
+    assert not bad, bad
