@@ -51,8 +51,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dsnn_compress.core.levels import parse_levels
 from dsnn_compress.core.masked import train_step
-from dsnn_compress.core.masks import compute_codes, parse_levels
+from dsnn_compress.core.masks import compute_codes
 from dsnn_compress.core.schedule import sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest

@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from dsnn_compress.core.masks import parse_levels
+    from dsnn_compress.core.levels import parse_levels
 
     levels = list(parse_levels(args.levels))
     if args.child == "ours":

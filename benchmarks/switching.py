@@ -42,8 +42,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsnn_compress.core.bundle import Bundle
+from dsnn_compress.core.levels import parse_levels
 from dsnn_compress.core.masked import masked_parameters
-from dsnn_compress.core.masks import compute_codes, parse_levels
+from dsnn_compress.core.masks import compute_codes
 from dsnn_compress.core.selection import select_prunable
 from dsnn_compress.core.sparsity import attach
 

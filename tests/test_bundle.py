@@ -14,7 +14,8 @@ from helpers import DEFAULT_PRUNED, random_state_dict, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsnn_compress.core.bundle import Bundle, load_bundle, parse_level, save_bundle
+from dsnn_compress.core.bundle import Bundle, load_bundle, save_bundle
+from dsnn_compress.core.levels import parse_level
 from dsnn_compress.core.masks import compute_codes, pack_codes, unpack_codes
 from dsnn_compress.core.safetensors_io import write_safetensors
 from dsnn_compress.errors import DsnnError, UsageError

@@ -11,16 +11,15 @@ from helpers import oracle_codes
 from torch import nn
 from torch.nn.utils import prune
 
+from dsnn_compress.core.levels import parse_levels, validate_levels
 from dsnn_compress.core.masks import (
     code_bits,
     compute_codes,
     level_mask,
     pack_codes,
     packed_size,
-    parse_levels,
     pruned_per_level,
     unpack_codes,
-    validate_levels,
 )
 from dsnn_compress.errors import DsnnError, UsageError
 

@@ -16,8 +16,8 @@ import torch
 
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
-from .levels import Levels, parse_level  # noqa: F401 - parse_level re-exported
-from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes, validate_levels
+from .levels import Levels, validate_levels
+from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes
 from .safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dsnn-bundle"

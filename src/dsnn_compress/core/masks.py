@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DsnnError, UsageError
-from .levels import parse_levels, validate_levels  # noqa: F401 - re-exported for callers of masks
+from .levels import validate_levels
 
 ALLOCATIONS = ("per-layer", "global")
 
