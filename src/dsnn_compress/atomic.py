@@ -22,6 +22,15 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
+def check_report_path(path: str | os.PathLike) -> Path:
+    """Validate a report output (replaced if it exists) before any work: not a directory, parent writable."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory", "give a file name")
+    check_output_parent(out)
+    return out
+
+
 def check_output_parent(out: Path) -> None:
     """The directory ``out`` will be written into must exist and be writable."""
     parent = out.parent if str(out.parent) else Path(".")

@@ -181,26 +181,26 @@ def evaluate(
                                                                              "same plot (repeatable).")] = None,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
-    from .evaluation.evaluate import check_gates, gate_failure, parse_gate
+    from .atomic import check_report_path
     from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import gate_failure
     from .report.plot import plot_wer, read_report
     from .report.tables import evaluation_markdown, evaluation_table, to_json
 
-    earlier = [(path.stem, read_report(path)) for path in plot_with or []]
     if plot_with and plot is None:
         raise typer.BadParameter("--plot-with needs --plot F.png", param_hint="--plot-with")
-    for spec in max_wer or []:
-        parse_gate(spec, "--max-wer")
-    for spec in max_wer_increase or []:
-        parse_gate(spec, "--max-wer-increase")
+    earlier = [(path.stem, read_report(path)) for path in plot_with or []]
+    for path in (json_path, markdown_path, plot):
+        if path is not None and str(path) != "-":
+            check_report_path(path)
     with progress() as bar:
         task = bar.add_task("evaluating", total=None, info="")
 
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=stage, completed=done, total=total)
 
-        report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress)
-    report["gates"] = check_gates(report, max_wer or [], max_wer_increase or [])
+        report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
+                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [])
     if json_path is not None:
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,8 +49,13 @@ def evaluate(
     normalizer: str | None = None,
     details: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
+    max_wer: Sequence[str] = (),
+    max_wer_increase: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
+
+    ``max_wer`` / ``max_wer_increase`` are CI gates (``LEVEL:PCT``, see :func:`check_gates`), checked for syntax
+    before any work and recorded under ``gates`` in the report; :func:`gate_failure` turns failures into an error.
 
     RTFx follows the Open ASR Leaderboard: audio seconds / processing seconds, where processing covers feature
     extraction, the forward pass and decoding (audio is read from disk once beforehand), after one untimed
@@ -57,6 +63,10 @@ def evaluate(
     """
     if batch_frames <= 0:
         raise UsageError("--batch-frames must be positive")
+    for spec in max_wer:
+        parse_gate(spec, "--max-wer")
+    for spec in max_wer_increase:
+        parse_gate(spec, "--max-wer-increase")
     loaded = load_model(model_path)
     chosen = select_levels(loaded, levels)
     norm = normalizer or loaded.adapter.normalizer
@@ -132,6 +142,7 @@ def evaluate(
             {"id": uid, "reference": ref, "hypotheses": {f"{lv:g}": hypotheses[lv][i] for lv in chosen}}
             for i, (uid, ref) in enumerate(zip(data.ids, data.references, strict=True))
         ]
+    report["gates"] = check_gates(report, max_wer, max_wer_increase)
     return report
 
 
@@ -144,6 +155,8 @@ def parse_gate(spec: str, option: str) -> tuple[float | None, float]:
         limit = float(pct_text.rstrip("%"))
     except ValueError:
         raise UsageError(f"{option} {spec!r}: {pct_text!r} is not a number", f"e.g. {option} 0.9:25") from None
+    if not math.isfinite(limit):
+        raise UsageError(f"{option} {spec!r}: the limit must be a finite number of percent", f"e.g. {option} 0.9:25")
     level = None if level_text.strip().lower() in ("all", "*") else parse_level(level_text)
     return level, limit
 
