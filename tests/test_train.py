@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_usage_error, run_cli, run_dsnn, start_dsnn
 
-from dsnn_compress.cli import main
 from dsnn_compress.core import masked
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.core.masked import distillation_loss, masked_parameters, run_at_level, train_step
-from dsnn_compress.core.schedule import sample_levels
+from dsnn_compress.core.schedule import lr_at, sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
@@ -410,10 +409,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, capsys: pytest.Ca
     """
     steps = 12
     out = tmp_path / "killed.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "dsnn_compress", *_cli_args(TINY, out, steps)]
+    args = _cli_args(TINY, out, steps)
     stderr = (tmp_path / "killed.stderr").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    proc = start_dsnn(*args, stdout=subprocess.DEVNULL, stderr=stderr)
     state = state_path(out)
     killed_at = -1
     deadline = time.monotonic() + 120
@@ -434,17 +432,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, capsys: pytest.Ca
     assert 2 <= killed_at < steps
 
     # an interrupted run's state blocks a plain rerun, and resuming needs the same recipe
-    args = _cli_args(TINY, out, steps)
-    capsys.readouterr()
-    assert main(args) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert main([*args, "--set", "optimizer.lr=2e-3", "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "recipe differs" in err and "Traceback" not in err
+    assert_usage_error(run_cli(capsys, *args), "--resume")
+    assert_usage_error(run_cli(capsys, *args, "--set", "optimizer.lr=2e-3", "--resume"), "recipe differs")
     assert _state_step(state) == killed_at  # untouched by the refused attempts
 
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_dsnn(*args, "--resume")
+    assert resumed.code == 0, resumed.err
     assert not state.exists()
 
     reference = finetune(apply_overrides(load_recipe(TINY), {
@@ -466,10 +459,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_resume_without_state_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    capsys.readouterr()
-    assert main([*_cli_args(TINY, tmp_path / "none.safetensors", 3), "--resume"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no training state")
+    line = assert_usage_error(run_cli(capsys, *_cli_args(TINY, tmp_path / "none.safetensors", 3), "--resume"))
+    assert line.startswith("error: no training state")
     assert not (tmp_path / "none.safetensors").exists()
 
 
@@ -493,15 +484,15 @@ def test_dense_training_writes_an_evaluable_checkpoint(tmp_path: Path, capsys: p
     recipe = tiny(tmp_path, "dense", levels=[], training__steps=2)
     result = finetune(recipe)
     assert result.levels == ()
-    from dsnn_compress.sources.runnable import read_safetensors_metadata
+    from dsnn_compress.core.safetensors_io import read_safetensors_metadata
 
     meta = read_safetensors_metadata(result.output)
     assert meta["format"] == "dsnn-checkpoint"
     assert json.loads(meta["recipe"])["levels"] == []
     assert json.loads(meta["training"])["steps"] == 2
-    capsys.readouterr()
-    assert main(["evaluate", str(result.output), "--data", str(DATA / "manifest.jsonl"), "--json", "-"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    code, stdout, err = run_cli(capsys, "evaluate", result.output, "--data", DATA / "manifest.jsonl", "--json", "-")
+    assert code == 0, err
+    report = json.loads(stdout)
     assert [entry["level"] for entry in report["levels"]] == [0.0]
     assert [r["loss"].keys() for r in read_log(result.log) if r["event"] == "step"] == [{"dense"}, {"dense"}]
 
@@ -532,26 +523,50 @@ def test_keep_best_keeps_the_best_dev_step(tmp_path: Path, monkeypatch: pytest.M
     assert max_abs_diff(bundle.tensors, weights[3]) > 0.0
 
 
-def test_jsonl_log_has_step_eval_and_end_events(tmp_path: Path):
-    recipe = tiny(tmp_path, "logged", training__steps=3, training__eval_every=2, training__log_every=1,
-                  training__keep="best")
-    seen: list[str] = []
-    result = finetune(recipe, report=lambda event, data: seen.append(event))
+def test_jsonl_log_has_step_eval_and_end_events(tmp_path: Path, tiny_model):
+    """The log holds what the run did: every ``log_every``-th step and the last, with the losses the run reported
+    and the LR of the schedule; dev WERs equal to an independent evaluation of the weights the bundle keeps.
+
+    Starts from the trained tiny conformer (asr_fixtures), so the dev WERs differ between levels and steps.
+    """
+    steps, log_every = 3, 2
+    recipe = tiny(tmp_path, "logged", training__steps=steps, training__eval_every=2, training__log_every=log_every,
+                  training__keep="best", lr_schedule__warmup_steps=3, model__init=str(tiny_model.checkpoint))
+    reported: list[tuple[str, dict[str, Any]]] = []
+    result = finetune(recipe, report=lambda event, data: reported.append((event, dict(data))))
     records = read_log(log_path(recipe.output))
     assert result.log == log_path(recipe.output)
-    assert [r["event"] for r in records] == ["step", "step", "eval", "step", "eval", "end"]
-    assert [r["step"] for r in records] == [1, 2, 2, 3, 3, 3]
-    for record in records:
-        assert isinstance(record["time"], float)
-        if record["event"] == "step":
-            assert set(record["loss"]) == {"dense", "0.5", "0.8"}
-            assert all(math.isfinite(v) and v > 0 for v in record["loss"].values())
-            assert record["lr"] == pytest.approx(1e-3) and record["grad_norm"] > 0 and record["steps_per_s"] > 0
-        if record["event"] == "eval":
-            assert set(record["dev_wer"]) == {"dense", "0.5", "0.8"}
-            assert all(v >= 0.0 for v in record["dev_wer"].values())
-    assert records[-1]["output"] == str(recipe.output)
+    assert [r["event"] for r in records] == ["step", "eval", "step", "eval", "end"]
+    assert all(isinstance(r["time"], float) for r in records)
+    seen = [event for event, _ in reported]
     assert seen[0] == "start" and seen[-1] == "end" and seen.count("eval") == 2
+
+    logged = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in logged] == [s for s in range(1, steps + 1) if s % log_every == 0 or s == steps]
+    by_step = {data["step"]: data for event, data in reported if event in ("step", "tick")}  # tick: not logged
+    assert sorted(by_step) == list(range(1, steps + 1))
+    for record in logged:
+        assert set(record["loss"]) == {"dense", "0.5", "0.8"}
+        assert all(math.isfinite(v) and v > 0 for v in record["loss"].values())
+        assert record["loss"] == by_step[record["step"]]["loss"]  # the losses of that step, as the run reported
+        # the LR the step trained with: the schedule at the 0-based step (warm-up over 3 steps, so it moves)
+        assert record["lr"] == lr_at(record["step"] - 1, recipe.optimizer.lr, recipe.lr_schedule, steps)
+        assert record["grad_norm"] > 0 and record["steps_per_s"] > 0
+    assert [r["lr"] for r in logged] == pytest.approx([recipe.optimizer.lr * 2 / 3, recipe.optimizer.lr])
     bundle = load_bundle(recipe.output)
-    assert bundle.metadata["training"]["final_loss"] == records[3]["loss"]
+    training = bundle.metadata["training"]
+    assert training["final_loss"] == result.final_losses == logged[-1]["loss"]
+
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3]
+    assert [data["dev_wer"] for event, data in reported if event == "eval"] == [r["dev_wer"] for r in evals]
+    best = min(evals, key=lambda r: sum(r["dev_wer"].values()))  # the first lowest mean, as keep=best picks
+    assert training["best_step"] == best["step"] and training["dev_wer"] == best["dev_wer"]
+    # real WERs: `dsnn evaluate` of the kept weights on the dev utterances gives the logged ones, level by level
+    dev = make_manifest(tmp_path / "dev.jsonl", recipe.data.max_dev_utterances)
+    wer = {entry["level"]: entry["wer"] for entry in evaluate(recipe.output, dev)["levels"]}
+    assert best["dev_wer"] == {"dense": wer[0.0], "0.5": wer[0.5], "0.8": wer[0.8]}
+    assert len(set(best["dev_wer"].values())) == 3  # distinct, so a WER of the wrong level cannot pass
+
+    assert records[-1]["output"] == str(recipe.output) and records[-1]["step"] == steps
     assert bundle.metadata["recipe"] == recipe.to_dict()

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_dsnn, torchrun
 
 from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
@@ -50,31 +49,22 @@ def _args(output: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Any]:
+    """The recipe under torchrun (2 ranks) and in this process; one torch thread here, like each rank."""
     two_dir, one_dir = tmp_path_factory.mktemp("ddp2"), tmp_path_factory.mktemp("ddp1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dsnn_compress", *_args(two_dir / "two.safetensors")]
-    two = subprocess.run(cmd, env=env, cwd=two_dir, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
+    two = run_dsnn(*_args(two_dir / "two.safetensors"), launcher=torchrun(2), cwd=two_dir)
+    assert two.code == 0, two.err
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each rank (OMP_NUM_THREADS=1)
+    old = os.getcwd()
+    os.chdir(one_dir)
     try:
-        old = os.getcwd()
-        os.chdir(one_dir)
-        try:
-            code = main(_args(one_dir / "one.safetensors"))
-        finally:
-            os.chdir(old)
-        # the common starting point: the model the recorded (resolved) recipe builds from its seed
-        recipe = recipe_from_dict(load_bundle(one_dir / "one.safetensors").metadata["recipe"])
-        init = {k: v.clone() for k, v in build_model(recipe).adapter.model.state_dict().items()}
+        code = main(_args(one_dir / "one.safetensors"))
     finally:
-        torch.set_num_threads(before)
+        os.chdir(old)
     assert code == 0
+    # the common starting point: the model the recorded (resolved) recipe builds from its seed
+    recipe = recipe_from_dict(load_bundle(one_dir / "one.safetensors").metadata["recipe"])
+    init = {k: v.clone() for k, v in build_model(recipe).adapter.model.state_dict().items()}
     return {"two": two, "two_dir": two_dir, "one_dir": one_dir, "init": init}
 
 
@@ -114,6 +104,6 @@ def test_only_rank_zero_writes(runs: dict[str, Any]):
     assert [r["event"] for r in records].count("end") == 1
     assert [r["step"] for r in records if r["event"] == "step"] == list(range(1, STEPS + 1))
     assert [r["event"] for r in records if r["event"] == "eval"] == ["eval"]
-    summary = json.loads(runs["two"].stdout)  # one JSON document: rank 1 printed no summary
+    summary = json.loads(runs["two"].out)  # one JSON document: rank 1 printed no summary
     assert summary["steps"] == STEPS and summary["output"] == str(two_dir / "two.safetensors")
-    assert runs["two"].stderr.count("(world 2)") == 1  # one start line, from rank 0
+    assert runs["two"].err.count("(world 2)") == 1  # one start line, from rank 0
