@@ -21,6 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import run_cli  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -32,7 +33,7 @@ from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError, UsageError  # noqa: E402
 from dsnn_compress.models import hf_ctc  # noqa: E402
 from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
-from dsnn_compress.sources.files import load_source  # noqa: E402
+from dsnn_compress.sources.opener import open_source  # noqa: E402
 from dsnn_compress.sources.runnable import load_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -97,12 +98,6 @@ def build_hf_dir(directory: Path, kind: str, seed: int = 0) -> Path:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, one_torch_thread) -> dict[str, dict[str, Path]]:
     """For each kind: the save_pretrained directory and its bundle (levels 0.5, 0.9) pruned through the CLI."""
@@ -161,29 +156,81 @@ def test_inspect(models, capsys):
     assert "encoder.layers.1.feed_forward.output_dense.weight" in out
 
 
-def test_default_prunable_of_the_adapter_matches(models):
-    adapter = hf_ctc.adapter_from_source(load_source(models["hubert"]["dir"]))
+def test_default_prunable_of_the_adapter_matches(models, capfd):
+    from dsnn_compress.models.base import ModelAdapter
+
+    adapter = hf_ctc.adapter_from_source(open_source(models["hubert"]["dir"]))
     assert sorted(adapter.default_prunable()) == expected_prunable("hubert")
     assert adapter.output_head() is adapter.model.lm_head  # found structurally, not by name
+    # the protocol's public attributes, normalizer included (evaluate / finetune read it)
+    assert isinstance(adapter, ModelAdapter) and adapter.family == "hf-ctc"
+    assert adapter.normalizer == "default" == adapter.metadata()["normalizer"]
+    batch = utterance_batch(adapter, 2)
+    adapter.decode(batch)
+    adapter.loss(pad_batch([batch.inputs[0]], [adapter.encode_text("call sarah")], [""], ["x"]))
+    assert capfd.readouterr() == ("", "")  # adapters print nothing (the CLI owns the console)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / transcribe
 
 
+def _jiwer_counts(output) -> dict:
+    return {"substitutions": output.substitutions, "deletions": output.deletions, "insertions": output.insertions,
+            "hits": output.hits}
+
+
 @pytest.mark.parametrize("kind", ["w2v-group", "w2v-layer"])
 def test_evaluate_report_is_complete(models, kind, tmp_path, capsys):
+    """Every level's scores equal an independent decode-and-score of the same utterances at that level."""
+    import jiwer
+
+    from dsnn_compress.data.text import get_normalizer
+
     report_path = tmp_path / "report.json"
-    code, _, err = run_cli(capsys, "evaluate", models[kind]["bundle"], "--data", MANIFEST, "--json", report_path)
+    code, _, err = run_cli(capsys, "evaluate", models[kind]["bundle"], "--data", MANIFEST, "--json", report_path,
+                           "--details")
     assert code == 0, err
     report = json.loads(report_path.read_text())
-    assert report["model"]["family"] == "hf-ctc"
-    assert [entry["level"] for entry in report["levels"]] == [0.0, 0.5, 0.9]
+    bundle = load_bundle(models[kind]["bundle"])
+    assert report["model"]["family"] == "hf-ctc" and report["normalizer"] == "default"
+    assert [entry["level"] for entry in report["levels"]] == list(bundle.all_levels) == [0.0, 0.5, 0.9]
+
+    utterances = read_manifest(MANIFEST)
+    normalize = get_normalizer("default")
+    references = [normalize(u.text) for u in utterances]
+    assert [u["reference"] for u in report["utterances"]] == references
+    # parameters counted from a plain Hugging Face model: dense tensors whole, pruned tensors by their nonzeros
+    hf_params = dict(getattr(transformers, ARCH[kind]).from_pretrained(str(models[kind]["dir"]),
+                                                                       local_files_only=True).named_parameters())
+    assert set(bundle.codes) < set(hf_params)
+    assert all(torch.count_nonzero(bundle.tensors[n]) == bundle.tensors[n].numel() for n in bundle.codes)
+    dense_params = sum(p.numel() for n, p in hf_params.items() if n not in bundle.codes)
+
+    hypotheses = {}
     for entry in report["levels"]:
-        assert entry["utterances_scored"] == 8 and entry["utterances_skipped"] == 0
-        assert entry["wer"] >= 0 and entry["cer"] >= 0 and entry["rtfx"] > 0
-        assert entry["words"]["reference_length"] == 21
+        level = entry["level"]
+        state = bundle.state_dict_at(level)
+        # a fresh adapter holding the level's weights (no level switching), all utterances in one padded batch
+        adapter = adapter_from_metadata(bundle.metadata["model"], state)
+        waves = [load_audio(u.audio_path, adapter.sample_rate) for u in utterances]
+        batch = pad_batch([adapter.prepare(w) for w in waves], [[] for _ in waves], ["" for _ in waves],
+                          [u.id for u in utterances])
+        with torch.no_grad():
+            hyps = [normalize(text) for text in adapter.decode(batch)]
+        hypotheses[level] = hyps
+        assert [u["hypotheses"][f"{level:g}"] for u in report["utterances"]] == hyps
+        words = jiwer.process_words(references, hyps)
+        chars = jiwer.process_characters(references, hyps)
+        assert entry["wer"] == pytest.approx(words.wer, abs=1e-9)
+        assert entry["cer"] == pytest.approx(chars.cer, abs=1e-9)
+        assert {k: entry["words"][k] for k in _jiwer_counts(words)} == _jiwer_counts(words)
+        assert {k: entry["chars"][k] for k in _jiwer_counts(chars)} == _jiwer_counts(chars)
+        assert entry["words"]["reference_length"] == sum(len(r.split()) for r in references) == 21
+        assert entry["nonzero_params"] == dense_params + sum(int(torch.count_nonzero(state[n])) for n in bundle.codes)
+        assert entry["utterances_scored"] == 8 and entry["utterances_skipped"] == 0 and entry["rtfx"] > 0
+    assert hypotheses[0.0] != hypotheses[0.9]  # the levels really decode differently, so a level mix-up shows
     nonzero = [entry["nonzero_params"] for entry in report["levels"]]
-    assert nonzero[0] > nonzero[1] > nonzero[2]
+    assert nonzero[0] == sum(p.numel() for p in hf_params.values()) and nonzero[0] > nonzero[1] > nonzero[2]
 
 
 def test_transcribe_matches_the_runtime_at_that_level(models, capsys):
@@ -429,11 +476,44 @@ def test_finetune_two_steps_from_the_bundle(models, tmp_path, capsys):
 def test_finetune_from_the_hf_directory(models, tmp_path, capsys):
     out = tmp_path / "tuned.safetensors"
     code, _, err = run_cli(capsys, "finetune", models["hubert"]["dir"], "--data", MANIFEST, "-o", out,
-                           "--steps", "1", "--levels", "0.5", "--set", "data.max_batch_size=4", "--json")
+                           "--steps", "1", "--levels", LEVELS, "--set", "data.max_batch_size=4", "--json")
     assert code == 0, err
     bundle = load_bundle(out)
     assert sorted(bundle.codes) == expected_prunable("hubert")
     assert bundle.metadata["source"]["kind"] == "hf-dir"
+    assert bundle.levels == (0.5, 0.9)
+
+    # trained tensors moved away from the directory's weights; the frozen feature encoder did not
+    source = load_file(str(models["hubert"]["dir"] / "model.safetensors"))
+    assert set(bundle.tensors) == set(source)
+    frozen = {n for n in source if n.startswith("hubert.feature_extractor.")}
+    assert any("conv_layers.0.conv.weight" in n for n in frozen)
+    for name in frozen:
+        assert torch.equal(bundle.tensors[name], source[name]), f"frozen {name} moved"
+    trained = set(bundle.codes) | {n for n in source if n.startswith(("lm_head.", "hubert.encoder.layers."))}
+    unmoved = sorted(n for n in trained if torch.equal(bundle.tensors[n], source[n]))
+    assert not unmoved, f"fine-tuning left {unmoved} unchanged"
+
+    # no schedule: the codes are those of magnitude pruning the directory (the pruned fixture bundle), one nested code
+    # per weight, and every weight coded below level k is zero at level k (state dict and live model alike)
+    pruned = load_bundle(models["hubert"]["bundle"])
+    assert set(pruned.codes) == set(bundle.codes)
+    loaded = load_model(out)
+    for name, codes in bundle.codes.items():
+        assert torch.equal(codes, pruned.codes[name]), f"codes of {name} changed"
+        assert codes.shape == bundle.tensors[name].shape and int(codes.min()) >= 0 and int(codes.max()) <= 2
+    prunable = sum(c.numel() for c in bundle.codes.values())
+    for k, level in enumerate(bundle.levels, start=1):
+        state = bundle.state_dict_at(level)
+        loaded.set_level(level)
+        live = dict(loaded.adapter.model.named_parameters())
+        removed = 0
+        for name, codes in bundle.codes.items():
+            dropped = codes < k
+            assert torch.all(state[name][dropped] == 0) and torch.all(live[name].detach()[dropped] == 0)
+            torch.testing.assert_close(live[name].detach()[~dropped], bundle.tensors[name][~dropped], atol=0, rtol=0)
+            removed += int(dropped.sum())
+        assert removed / prunable == pytest.approx(level, abs=2e-3)
 
 
 # ----------------------------------------------------------------------------------------------- errors and laziness
@@ -445,7 +525,7 @@ def test_unsupported_architecture(models, tmp_path, capsys):
     config = json.loads((other / "config.json").read_text())
     config["architectures"] = ["Wav2Vec2ForPreTraining"]
     (other / "config.json").write_text(json.dumps(config))
-    source = load_source(other)
+    source = open_source(other)
     assert hf_ctc.hf_metadata_from_files(source.hf_files, list(source.tensors)) is None
     with pytest.raises(DsnnError, match="Wav2Vec2ForPreTraining") as excinfo:
         hf_ctc.adapter_from_source(source)
