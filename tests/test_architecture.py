@@ -3,6 +3,9 @@
 Stages, lowest first: ``core`` (levels, masks, selection, bundle, switching, masked forward, schedule, safetensors)
 and ``data`` know nothing above them; ``models`` know core and data; ``sources`` open inputs with models' help;
 ``training``, ``evaluation`` and ``export`` use sources; ``report`` formats results; ``cli`` and ``demo`` sit on top.
+The utilities (``errors``, ``atomic``, ``validation``, the package itself) sit below every stage: any module may
+import them, and ``validation`` (the field types and the one validation-error formatter shared by recipes and
+model-family configs) imports nothing of the package but ``errors``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dsnn_compress"
 STAGES = ("core", "data", "models", "sources", "training", "evaluation", "export", "report")
 TOP = ("cli", "demo", "prune", "console", "__main__")
-UTILITIES = ("errors", "atomic", "")  # "" = the package itself (version, tool_metadata)
+UTILITIES = ("errors", "atomic", "validation", "")  # "" = the package itself (version, tool_metadata)
 
 FORBIDDEN: dict[str, set[str]] = {
     "core": set(STAGES) - {"core"} | set(TOP),
@@ -27,7 +30,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "export": {"training", "evaluation", "report", *TOP},
     "report": {"training", "evaluation", "sources", "export", *TOP},
 }
-"""Stage -> the stages and top-level modules it must not import."""
+"""Stage -> the stages and top-level modules it must not import (never a utility: everybody may import those)."""
 
 THIRD_PARTY_PRIVATE = {"_register_state_dict_hook", "_register_load_state_dict_pre_hook",
                        "_get_feat_extract_output_lengths"}
@@ -88,6 +91,20 @@ def test_no_stage_imports_above_itself(stage: str) -> None:
             if stage_of(target) in FORBIDDEN[stage]:
                 bad.append(f"{name} imports {target}")
     assert not bad, "forbidden imports:\n" + "\n".join(sorted(bad))
+
+
+def test_utilities_are_importable_by_every_stage() -> None:
+    assert not {u for u in UTILITIES if any(u in forbidden for forbidden in FORBIDDEN.values())}
+    assert not set(UTILITIES) & (set(STAGES) | set(TOP))
+
+
+def test_validation_imports_nothing_of_the_package_but_errors() -> None:
+    """``validation`` sits below ``models`` and ``training`` (both use it), so it may lean on ``errors`` only."""
+    found = {name: imported(name, path) for name, path in modules().items() if stage_of(name) == "validation"}
+    assert found, "no validation package"
+    bad = [f"{name} imports {target}" for name, targets in found.items() for target in targets
+           if stage_of(target) not in ("validation", "errors")]
+    assert not bad, bad
 
 
 def test_nothing_but_the_entry_points_import_the_cli_or_the_demo() -> None:
@@ -152,7 +169,8 @@ def test_one_opener_recognises_inputs() -> None:
     """Only sources/ decides what kind of file an input is: nobody else calls the readers or torch.load."""
     bad = []
     for name, path in modules().items():
-        if stage_of(name) in ("sources",) or name == "core.safetensors_io":
+        # the opener's own readers, the safetensors module, and the trainer's state file (its own format, not an input)
+        if stage_of(name) == "sources" or name in ("core.safetensors_io", "training.state"):
             continue
         text = path.read_text(encoding="utf-8")
         for needle in ("torch.load(", "safe_open(", "load_file(", "read_torch_file(", "read_hf_dir("):

@@ -21,15 +21,9 @@ from dsnn_compress.models.base import ModelAdapter
 from dsnn_compress.models.builtin import BuiltinAdapter
 from dsnn_compress.models.conformer import CONFORMER_SIZES, ConformerConfig, ConformerCTC
 from dsnn_compress.models.lstm import LSTM_SIZES, LSTMCTC, LSTMConfig
-from dsnn_compress.models.registry import (
-    FAMILIES,
-    MODEL_METADATA_KEY,
-    adapter_from_metadata,
-    load_checkpoint_adapter,
-    new_adapter,
-    register_family,
-    save_checkpoint,
-)
+from dsnn_compress.models.registry import FAMILIES, adapter_from_metadata, new_adapter, register_family
+from dsnn_compress.sources.checkpoint import MODEL_METADATA_KEY, save_checkpoint
+from dsnn_compress.sources.runnable import load_checkpoint_adapter
 
 VOCAB = ["<blank>", " ", "'", "a", "b", "c", "d", "e"]
 TINY = {
@@ -258,6 +252,32 @@ def test_new_adapter_usage_errors(kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(UsageError) as info:
         new_adapter(**args)
     assert needle in info.value.one_line()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": "wide"}, "d_model must be a positive integer, got 'wide'; fix the model config"),
+        ({"d_modle": 32}, "unknown key 'd_modle' (did you mean 'd_model'?); allowed keys: d_model, num_layers,"),
+        ({"dropout": True}, "dropout must be a number in [0, 1), got true"),
+        ({"subsampling": "conv2d"}, "subsampling must be one of conv2d4, got 'conv2d' (did you mean 'conv2d4'?)"),
+        ({"conv_kernel": 8}, "conv_kernel must be odd, got 8"),
+    ],
+)
+def test_model_config_errors_read_like_recipe_errors(overrides: dict[str, Any], message: str) -> None:
+    """One formatter (``dsnn_compress.validation``) for recipes and model configs: same wording, same numbers."""
+    with pytest.raises(UsageError) as info:
+        new_adapter("conformer-ctc", VOCAB, overrides={**TINY["conformer-ctc"], **overrides})
+    assert info.value.one_line().startswith(f"invalid model config for family conformer-ctc: {message}")
+
+
+def test_model_config_numbers_and_booleans_follow_the_recipe_rules() -> None:
+    adapter = new_adapter("conformer-ctc", VOCAB, overrides={**TINY["conformer-ctc"], "d_model": "3.2e1"})
+    assert adapter.config.d_model == 32
+    with pytest.raises(UsageError, match="bidirectional must be true or false, got 'yes'"):
+        new_adapter("lstm-ctc", VOCAB, overrides={**TINY["lstm-ctc"], "bidirectional": "yes"})
+    with pytest.raises(UsageError, match="hidden must be a positive integer, got true"):
+        new_adapter("lstm-ctc", VOCAB, overrides={**TINY["lstm-ctc"], "hidden": True})
 
 
 def test_register_family_from_outside() -> None:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic_core import to_jsonable_python
 
 from dsnn_compress.errors import EXIT_USAGE, UsageError
 from dsnn_compress.training.recipe import (
+    TOP_LEVEL_KEYS,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
     Recipe,
     TrainingConfig,
     apply_overrides,
+    check_loss_weights,
+    check_schedule_end,
     load_recipe,
     parse_set_option,
     recipe_from_dict,
@@ -23,6 +29,7 @@ from dsnn_compress.training.recipe import (
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+DOC = REPO / "docs" / "recipes.md"
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -46,8 +53,11 @@ def with_data(**sections: object) -> dict:
 # ----------------------------------------------------------------------------------------------- shipped recipes
 
 
-def test_recipes_directory_has_the_documented_files():
-    assert {p.name for p in RECIPES} >= {"dsnn-conformer.yaml", "dense-conformer-s.yaml", "tiny-test.yaml"}
+def test_recipes_directory_matches_the_documented_table():
+    """docs/recipes.md lists every shipped recipe, and every listed recipe is shipped."""
+    documented = set(re.findall(r"^\| `recipes/([\w.-]+\.yaml)` \|", DOC.read_text(encoding="utf-8"), re.M))
+    assert documented == {p.name for p in RECIPES}
+    assert documented >= {"dsnn-conformer.yaml", "dense-conformer-s.yaml", "tiny-test.yaml"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -60,10 +70,19 @@ def test_every_shipped_recipe_loads(path: Path):
 
 
 def test_dsnn_conformer_recipe_values():
+    """The documented default DSNN method: levels 0.5/0.7/0.9, every level each step, in-place distillation."""
     recipe = load_recipe(REPO / "recipes" / "dsnn-conformer.yaml")
     assert recipe.levels == [0.5, 0.7, 0.9]
-    assert recipe.sampling.mode == "all"
+    assert (recipe.sampling.mode, recipe.sampling.loss_weights) == ("all", None)
+    assert (recipe.distillation.enabled, recipe.distillation.weight, recipe.distillation.temperature) == (True, 1, 1)
+    assert recipe.schedule.enabled is False
     assert recipe.model.init == REPO / "runs" / "pruned.safetensors"
+    assert (recipe.training.steps, recipe.training.epochs, recipe.training.keep) == (2000, None, "best")
+    assert recipe.data.dev is not None and recipe.allocation == "per-layer"
+    assert recipe.output == REPO / "runs" / "dsnn-conformer.safetensors"
+    # "enable the gradual schedule below" and the documented `--set training.steps=500` both give valid recipes
+    assert apply_overrides(recipe, {"schedule.enabled": True}).schedule.end_step < recipe.training.steps
+    assert apply_overrides(recipe, {"training.steps": 500}).training.steps == 500
 
 
 def test_dense_recipe_values():
@@ -78,10 +97,21 @@ def test_dense_recipe_values():
     assert recipe.data.dev == REPO.parent / "shared" / "corpus" / "tts-en-v1" / "dev.jsonl"
 
 
-def test_tiny_test_recipe_points_at_the_test_manifest():
+def test_tiny_test_recipe_is_a_two_step_run_on_the_test_manifest():
+    """As its header says: a tiny fresh Conformer-CTC, two steps, the 8-utterance test manifest, two levels."""
     recipe = load_recipe(REPO / "recipes" / "tiny-test.yaml")
-    assert recipe.data.train == REPO / "tests" / "data" / "manifest.jsonl"
-    assert recipe.data.train.is_file()
+    manifest = REPO / "tests" / "data" / "manifest.jsonl"
+    assert recipe.data.train == recipe.data.dev == manifest
+    assert len(manifest.read_text(encoding="utf-8").splitlines()) == 8
+    assert (recipe.data.batch_frames, recipe.data.spec_augment, recipe.data.max_dev_utterances) == (2000, False, 4)
+    assert recipe.model.init is None and (recipe.model.family, recipe.model.size) == ("conformer-ctc", "xs")
+    assert recipe.model.config == {"d_model": 32, "num_layers": 1, "num_heads": 2, "conv_kernel": 3, "dropout": 0.0}
+    assert recipe.levels == [0.5, 0.8]
+    assert (recipe.sampling.mode, recipe.sampling.random_levels) == ("sandwich", 1)
+    assert recipe.distillation.enabled is True and recipe.distillation.temperature == 2.0
+    assert (recipe.lr_schedule.warmup_steps, recipe.lr_schedule.decay) == (1, "constant")
+    assert (recipe.training.steps, recipe.training.keep, recipe.training.device) == (2, "best", "cpu")
+    assert recipe.output == REPO / "runs" / "tiny-test.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------------ defaults
@@ -490,3 +520,82 @@ def test_recipe_constructed_directly_has_working_defaults():
     other = Recipe(data=DataConfig(train=Path("/t.jsonl")))
     other.include.append("x")
     assert recipe.include == []  # no shared mutable defaults
+
+
+# ------------------------------------------------------------------------------------------- rules used at run time
+
+
+def test_check_schedule_end_is_the_rule_the_recipe_applies():
+    schedule = recipe_from_dict(with_data(schedule={"enabled": True, "end_step": 600}, levels=[0.5])).schedule
+    check_schedule_end(schedule, 601)
+    with pytest.raises(UsageError) as info:
+        check_schedule_end(schedule, 600, "600 steps from training.epochs: 2")
+    assert info.value.exit_code == EXIT_USAGE
+    assert "schedule.end_step (600) must be before the last training step (600 steps" in info.value.message
+    assert "e.g. 400" in (info.value.hint or "")
+    check_schedule_end(recipe_from_dict(with_data()).schedule, 1)  # disabled: no constraint
+
+
+def test_check_loss_weights():
+    assert check_loss_weights(None, 2) == [1.0, 1.0, 1.0]
+    assert check_loss_weights([1, 0.5], 1) == [1.0, 0.5]
+    with pytest.raises(UsageError, match="sampling.loss_weights has 4 values but there are 2 levels"):
+        check_loss_weights([1, 0, 2, 3], 1)
+
+
+# ------------------------------------------------------------------------------------------------ documentation
+
+REQUIRED = object()
+
+
+def doc_key_defaults() -> dict[str, str]:
+    """``{dotted key: default cell}`` from the key tables (``| key | type | default | allowed |``) of the doc."""
+    rows: dict[str, str] = {}
+    section, in_table = "", False
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            title = line[3:].split()[0]
+            section, in_table = ("" if title == "Top" else title), False
+        elif line.startswith("| key |"):
+            in_table = True
+        elif in_table and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            key = cells[0].strip("`")
+            rows[f"{section}.{key}" if section else key] = cells[2]
+        elif not line.startswith("|"):
+            in_table = False
+    return rows
+
+
+def model_default(key: str) -> object:
+    cls: type = Recipe
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        cls = Recipe.model_fields[parent].annotation  # type: ignore[assignment]
+    info = cls.model_fields[leaf]  # type: ignore[attr-defined]
+    return REQUIRED if info.is_required() else to_jsonable_python(info.get_default(call_default_factory=True))
+
+
+def doc_default(cell: str) -> object:
+    if "(required)" in cell:
+        return REQUIRED
+    token = re.match(r"`([^`]*)`", cell)
+    assert token, f"no default in {cell!r}"
+    value = yaml.safe_load(token.group(1))
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string
+    return value
+
+
+def test_doc_key_tables_list_exactly_the_recipe_keys():
+    documented = set(doc_key_defaults())
+    expected = set(recipe_keys()) | set(TOP_LEVEL_KEYS)
+    assert documented - expected == set(), "documented keys that recipes do not have"
+    assert expected - documented == set(), "recipe keys missing from docs/recipes.md"
+
+
+def test_doc_key_tables_give_the_model_defaults():
+    for key, cell in doc_key_defaults().items():
+        if key in TOP_LEVEL_KEYS and "defaults below" in cell:
+            continue  # a section
+        assert doc_default(cell) == model_default(key), key

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,12 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from ..data.batch import Batch
 from ..data.features import FeatureConfig, log_mel
 from ..data.text import CharTokenizer, get_normalizer
 from ..errors import DsnnError, UsageError
+from ..validation import Int, explain, usage_error
 from .conformer import CONFORMER_SIZES, ConformerConfig, ConformerCTC
 from .ctc import greedy_ctc_decode
 from .lstm import LSTM_SIZES, LSTMCTC, LSTMConfig
@@ -107,6 +108,14 @@ class BuiltinAdapter:
         }
 
 
+def _as_int(value: Any) -> int | None:
+    """``value`` as an integer (``"8"``, ``8.0``), or None if it is not one (a boolean is not a number)."""
+    try:
+        return TypeAdapter(Int).validate_python(value)
+    except ValidationError:
+        return None
+
+
 def default_prunable_parameters(model: nn.Module, exclude_modules: tuple[str, ...] = ("ctc",)) -> list[str]:
     """Names of prunable weight matrices/kernels in ``model``.
 
@@ -133,43 +142,6 @@ def default_prunable_parameters(model: nn.Module, exclude_modules: tuple[str, ..
     return names
 
 
-def _coerce(key: str, value: Any, expected: Any, error_cls: type[DsnnError]) -> Any:
-    """Convert ``value`` to the field type ``expected`` (int/float/bool/str), strings included."""
-    hint = f"give {key} as a {getattr(expected, '__name__', expected)}"
-    try:
-        if expected is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.strip().lower() in ("true", "yes", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-        elif expected is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, str):
-                return int(value.strip())
-        elif expected is float:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value.strip())
-        elif expected is str:
-            if isinstance(value, str):
-                return value
-        else:
-            return value
-    except ValueError:
-        pass
-    raise error_cls(f"invalid value {value!r} for model config key {key!r}", hint)
-
-
 @dataclass(frozen=True)
 class BuiltinFamily:
     """Family factory for a built-in model: builds fresh adapters and rebuilds them from metadata."""
@@ -179,26 +151,31 @@ class BuiltinFamily:
     model_cls: type[nn.Module]
     sizes: Mapping[str, Mapping[str, Any]]
     default_size: str = "s"
+    export_formats: tuple[str, ...] = ("checkpoint", "onnx")
+    """Model formats ``dsnn export`` can write for this family (besides plain state dicts)."""
 
     def config_keys(self) -> list[str]:
         """Config fields a user may set (the derived ``vocab_size``/``input_dim`` are excluded)."""
         return [f.name for f in dataclasses.fields(self.config_cls) if f.name not in DERIVED_CONFIG_KEYS]
 
     def _make_config(self, values: Mapping[str, Any], error_cls: type[DsnnError], hint: str, context: str) -> Any:
-        hints = typing.get_type_hints(self.config_cls)
-        fields = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise error_cls(
-                f"unknown {context} key(s) for family {self.name}: {', '.join(unknown)}",
-                f"valid keys: {', '.join(self.config_keys())}" if error_cls is UsageError else hint,
-            )
-        coerced = {key: _coerce(key, value, hints[key], error_cls) for key, value in values.items()}
-        cfg = self.config_cls(**coerced)
-        problems = cfg.problems()
-        if problems:
-            raise error_cls(f"invalid {context} for family {self.name}: {'; '.join(problems)}", hint)
-        return cfg
+        """``config_cls`` from ``values``, validated by its pydantic constraints; ``error_cls`` when invalid.
+
+        The config classes use the field types of :mod:`dsnn_compress.validation`, so numbers given as strings
+        (``"48"``, ``"2e4"``) are accepted, a boolean is not a number and a boolean field needs a real boolean, as
+        in recipes. The error is the one formatter's: ``invalid model config for family F: d_model must be a
+        positive integer, got 'wide'``; an unknown key names the keys a user may set, with a did-you-mean. For
+        user input (a UsageError) the hint is the problem's own remedy (the allowed keys) or ``hint``; for
+        stored metadata it is always ``hint``.
+        """
+        try:
+            return TypeAdapter(self.config_cls).validate_python(dict(values))
+        except ValidationError as exc:
+            user = error_cls is UsageError
+            problem = explain(exc, self.config_cls, hidden=DERIVED_CONFIG_KEYS if user else (), hint=hint)
+            if not user or problem.hint is None:
+                problem = dataclasses.replace(problem, hint=hint)
+            raise usage_error(problem, f"invalid {context} for family {self.name}", error_cls=error_cls) from None
 
     def new(
         self,
@@ -234,7 +211,7 @@ class BuiltinFamily:
         derived = {"vocab_size": len(tokenizer), "input_dim": int(feat.n_mels)}
         sources = {"vocab_size": "the vocabulary size", "input_dim": "features.n_mels"}
         for key, value in derived.items():
-            if key in overrides and _coerce(key, overrides.pop(key), int, UsageError) != value:
+            if key in overrides and _as_int(overrides.pop(key)) != value:
                 raise UsageError(
                     f"model config key {key!r} is derived from {sources[key]} ({value})",
                     f"do not set {key}; change {sources[key]} instead",

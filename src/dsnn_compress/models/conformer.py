@@ -17,56 +17,49 @@ dynamic batch and time axes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.dataclasses import dataclass
 from torch import nn
+
+from ..validation import Float, Int, OneOf, rule_error
 
 SUBSAMPLING_MODES = ("conv2d4",)
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class ConformerConfig:
-    """Architecture of a :class:`ConformerCTC` (defaults are the ``s`` preset)."""
+    """Architecture of a :class:`ConformerCTC` (defaults are the ``s`` preset).
 
-    vocab_size: int
-    input_dim: int = 80
-    d_model: int = 144
-    num_layers: int = 8
-    num_heads: int = 4
-    ff_mult: int = 4
-    conv_kernel: int = 15
-    dropout: float = 0.1
-    subsampling: str = "conv2d4"
+    A pydantic dataclass built from the field types of :mod:`dsnn_compress.validation`, as recipes are (numbers
+    accept ``"2e4"``, a boolean is never a number): the constraints below are the only rules, checked on
+    construction (an invalid config raises ``pydantic.ValidationError``, a ``ValueError``); ``models.builtin``
+    reports them with the one formatter of :mod:`dsnn_compress.validation.errors`.
+    """
 
-    def problems(self) -> list[str]:
-        """Human-readable reasons this configuration cannot be built (empty when valid)."""
-        out: list[str] = []
-        for name in (
-            "vocab_size",
-            "input_dim",
-            "d_model",
-            "num_layers",
-            "num_heads",
-            "ff_mult",
-            "conv_kernel",
-        ):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.vocab_size < 2:
-            out.append(f"vocab_size must be >= 2 (blank plus at least one token; got {self.vocab_size})")
-        if self.num_heads >= 1 and self.d_model % self.num_heads:
-            out.append(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+    vocab_size: Annotated[Int, Field(ge=2, description="blank plus at least one token")]
+    input_dim: Annotated[Int, Field(ge=1)] = 80
+    d_model: Annotated[Int, Field(ge=1)] = 144
+    num_layers: Annotated[Int, Field(ge=1)] = 8
+    num_heads: Annotated[Int, Field(ge=1)] = 4
+    ff_mult: Annotated[Int, Field(ge=1)] = 4
+    conv_kernel: Annotated[Int, Field(ge=1)] = 15
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    subsampling: Annotated[str, OneOf(lambda: SUBSAMPLING_MODES)] = "conv2d4"
+
+    @model_validator(mode="after")
+    def _shape_rules(self) -> ConformerConfig:
+        if self.d_model % self.num_heads:
+            raise rule_error(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})",
+                             keys=("d_model", "num_heads"))
         if self.conv_kernel % 2 == 0:
-            out.append(f"conv_kernel must be odd (got {self.conv_kernel})")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.subsampling not in SUBSAMPLING_MODES:
-            out.append(f"subsampling must be one of {', '.join(SUBSAMPLING_MODES)} (got {self.subsampling!r})")
-        return out
+            raise rule_error(f"conv_kernel must be odd, got {self.conv_kernel}", keys=("conv_kernel",))
+        return self
 
 
 CONFORMER_SIZES: dict[str, dict[str, Any]] = {
@@ -228,9 +221,7 @@ class ConformerCTC(nn.Module):
 
     def __init__(self, cfg: ConformerConfig) -> None:
         super().__init__()
-        problems = cfg.problems()
-        if problems:
-            raise ValueError("invalid Conformer config: " + "; ".join(problems))
+        TypeAdapter(ConformerConfig).validate_python(dataclasses.asdict(cfg))  # again: fields may have been changed
         self.config = cfg
         self.subsampling = Conv2dSubsampling4(cfg.input_dim, cfg.d_model)
         self.pos_enc = SinusoidalPositionalEncoding(cfg.d_model)

@@ -9,42 +9,38 @@ the same output alone or padded in a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, StrictBool, TypeAdapter
+from pydantic.dataclasses import dataclass
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..validation import Float, Int, OneOf
 
 SUBSAMPLING_FACTORS = {"none": 1, "stack2": 2, "stack3": 3, "stack4": 4}
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class LSTMConfig:
-    """Architecture of an :class:`LSTMCTC` (defaults are the ``s`` preset)."""
+    """Architecture of an :class:`LSTMCTC` (defaults are the ``s`` preset).
 
-    vocab_size: int
-    input_dim: int = 80
-    hidden: int = 256
-    num_layers: int = 3
-    bidirectional: bool = True
-    dropout: float = 0.1
-    subsampling: str = "stack2"
+    A pydantic dataclass built from the field types of :mod:`dsnn_compress.validation`, as recipes are (numbers
+    accept ``"2e4"``, a boolean is never a number, ``bidirectional`` is a strict boolean): the constraints below
+    are the only rules, checked on construction (an invalid config raises ``pydantic.ValidationError``, a
+    ``ValueError``).
+    """
 
-    def problems(self) -> list[str]:
-        """Human-readable reasons this configuration cannot be built (empty when valid)."""
-        out: list[str] = []
-        for name in ("input_dim", "hidden", "num_layers"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.vocab_size < 2:
-            out.append(f"vocab_size must be >= 2 (blank plus at least one token; got {self.vocab_size})")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.subsampling not in SUBSAMPLING_FACTORS:
-            out.append(f"subsampling must be one of {', '.join(SUBSAMPLING_FACTORS)} (got {self.subsampling!r})")
-        return out
+    vocab_size: Annotated[Int, Field(ge=2, description="blank plus at least one token")]
+    input_dim: Annotated[Int, Field(ge=1)] = 80
+    hidden: Annotated[Int, Field(ge=1)] = 256
+    num_layers: Annotated[Int, Field(ge=1)] = 3
+    bidirectional: StrictBool = True
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    subsampling: Annotated[str, OneOf(lambda: tuple(SUBSAMPLING_FACTORS))] = "stack2"
 
 
 LSTM_SIZES: dict[str, dict[str, Any]] = {
@@ -59,9 +55,7 @@ class LSTMCTC(nn.Module):
 
     def __init__(self, cfg: LSTMConfig) -> None:
         super().__init__()
-        problems = cfg.problems()
-        if problems:
-            raise ValueError("invalid LSTM config: " + "; ".join(problems))
+        TypeAdapter(LSTMConfig).validate_python(dataclasses.asdict(cfg))  # again: fields may have been changed
         self.config = cfg
         self.stack = SUBSAMPLING_FACTORS[cfg.subsampling]
         self.input_dropout = nn.Dropout(cfg.dropout)
