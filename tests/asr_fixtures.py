@@ -4,7 +4,9 @@ The model is trained for a few dozen steps on the eight test utterances so that 
 random character soup): the dense level then gets most words right and the sparse levels progressively fewer,
 which gives the WER / S/D/I assertions something to discriminate. Training takes a few seconds on two cores.
 
-Import the fixtures into a test module with ``from asr_fixtures import tiny_model, ...  # noqa: F401``.
+conftest.py registers this module as a plugin: every test module can request ``tiny_model`` (built once per session)
+and imports only the helper functions and paths; run its tests on one thread with
+``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import single_torch_thread
 
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.audio import load_audio
@@ -25,8 +28,9 @@ from dsnn_compress.data.batch import pad_batch
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import normalize_text
 from dsnn_compress.models.base import ModelAdapter
-from dsnn_compress.models.registry import adapter_from_metadata, new_adapter, save_checkpoint
+from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
 from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.sources.checkpoint import save_checkpoint
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"
@@ -68,22 +72,21 @@ def _train(adapter: ModelAdapter, steps: int) -> None:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A trained tiny conformer-ctc saved as a dsnn checkpoint, and its bundle pruned at 0.5 and 0.9."""
     root = tmp_path_factory.mktemp("tiny_model")
-    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    state = torch.random.get_rng_state()
     torch.manual_seed(1234)
-    torch.set_num_threads(1)  # deterministic, and fast even when other processes share the cores
     try:
-        adapter = new_adapter(
-            "conformer-ctc",
-            vocabulary=VOCABULARY,
-            size="xs",
-            overrides={"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_mult": 2, "conv_kernel": 3,
-                       "dropout": 0.0},
-            features={"n_mels": 40},
-        )
-        _train(adapter, TRAIN_STEPS)
+        with single_torch_thread():  # deterministic, and fast even when other processes share the cores
+            adapter = new_adapter(
+                "conformer-ctc",
+                vocabulary=VOCABULARY,
+                size="xs",
+                overrides={"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_mult": 2, "conv_kernel": 3,
+                           "dropout": 0.0},
+                features={"n_mels": 40},
+            )
+            _train(adapter, TRAIN_STEPS)
     finally:
         torch.random.set_rng_state(state)
-        torch.set_num_threads(threads)
     checkpoint = root / "dense.safetensors"
     save_checkpoint(adapter, checkpoint)
     bundle = root / "bundle.safetensors"
@@ -144,11 +147,3 @@ def copy_audio(name: str, directory: Path) -> Path:
     """Copy one test audio file into ``directory``."""
     return Path(shutil.copy(AUDIO / name, directory / name))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run the tiny model on one thread: as fast as two for it, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
+from helpers import single_torch_thread
+
+# The tiny trained ASR model and its bundle: registered once here, so the session builds them once for every module.
+pytest_plugins = ["asr_fixtures"]
 
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread for a module: tiny models run faster so, and tests do not fight over shared cores.
 
-    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` (the one definition: a session-scoped
+    fixture uses ``helpers.single_torch_thread()`` instead).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield

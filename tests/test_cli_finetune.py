@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_usage_error, run_cli
 
 from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
-from dsnn_compress.models.registry import new_adapter, save_checkpoint
+from dsnn_compress.models.registry import new_adapter
+from dsnn_compress.sources.checkpoint import save_checkpoint
 from dsnn_compress.training.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,24 +27,6 @@ CPU = ["--set", "training.device=cpu", "--set", "data.spec_augment=false"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_usage_error(result: tuple[int, str, str], *fragments: str) -> None:
-    code, _out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,8 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_unknown_override_key(capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    result = run(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set", "training.stepz=3")
+    result = run_cli(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set",
+                     "training.stepz=3")
     assert_usage_error(result, "'training.stepz'", "training.steps")  # names the key and suggests the right one
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -72,39 +57,39 @@ def test_unknown_override_key(capsys: pytest.CaptureFixture[str], tmp_path: Path
 def test_unknown_key_in_recipe_file(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"data:\n  train: {MANIFEST}\noptimizer:\n  lrr: 0.1\n")
-    assert_usage_error(run(capsys, "finetune", "--recipe", recipe), "optimizer.lrr", str(recipe))
+    assert_usage_error(run_cli(capsys, "finetune", "--recipe", recipe), "optimizer.lrr", str(recipe))
 
 
 def test_wrong_type(capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    result = run(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set",
-                 "training.steps=many")
+    result = run_cli(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set",
+                     "training.steps=many")
     assert_usage_error(result, "training.steps", "'many'")
     recipe = tmp_path / "bool.yaml"
     recipe.write_text(f"data:\n  train: {MANIFEST}\n  spec_augment: 'yes'\n")
-    assert_usage_error(run(capsys, "finetune", "--recipe", recipe), "data.spec_augment", "true or false")
+    assert_usage_error(run_cli(capsys, "finetune", "--recipe", recipe), "data.spec_augment", "true or false")
 
 
 def test_out_of_range_learning_rate(capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    result = run(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set", "optimizer.lr=-1")
+    result = run_cli(capsys, "finetune", "--recipe", TINY, "-o", tmp_path / "o.safetensors", "--set", "optimizer.lr=-1")
     assert_usage_error(result, "optimizer.lr", "positive", "-1")
-    assert_usage_error(run(capsys, "finetune", "--recipe", TINY, "--lr", "0"), "optimizer.lr")
+    assert_usage_error(run_cli(capsys, "finetune", "--recipe", TINY, "--lr", "0"), "optimizer.lr")
 
 
 def test_missing_training_data(capsys: pytest.CaptureFixture[str]):
-    assert_usage_error(run(capsys, "finetune"), "--data", "data.train")
-    assert_usage_error(run(capsys, "finetune", "--set", "training.steps=1"), "data.train")
+    assert_usage_error(run_cli(capsys, "finetune"), "--data", "data.train")
+    assert_usage_error(run_cli(capsys, "finetune", "--set", "training.steps=1"), "data.train")
 
 
 def test_levels_that_differ_from_the_bundle(capsys: pytest.CaptureFixture[str], tmp_path: Path, pruned: Path):
-    result = run(capsys, "finetune", pruned, "--data", MANIFEST, "--levels", "0.5,0.9", "-o",
-                 tmp_path / "o.safetensors", *CPU)
+    result = run_cli(capsys, "finetune", pruned, "--data", MANIFEST, "--levels", "0.5,0.9", "-o",
+                     tmp_path / "o.safetensors", *CPU)
     assert_usage_error(result, "levels", "0.5, 0.9", "0.5, 0.8")
 
 
 def test_existing_output_needs_force(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
-    assert_usage_error(run(capsys, "finetune", "--recipe", TINY, "-o", out), "already exists", "--force")
+    assert_usage_error(run_cli(capsys, "finetune", "--recipe", TINY, "-o", out), "already exists", "--force")
     assert out.read_bytes() == b"keep me"
 
 
@@ -118,9 +103,9 @@ def _log(path: Path) -> list[dict[str, Any]]:
 def test_set_overrides_and_json_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path, pruned: Path):
     """--set training.steps=1 runs one step; --set data.train works without --recipe/--data; stdout is JSON."""
     out = tmp_path / "one-step.safetensors"
-    code, stdout, err = run(capsys, "finetune", pruned, "--set", f"data.train={MANIFEST}", "--set",
-                            "training.steps=1", "--set", "sampling.mode=sandwich", "--set", "sampling.random_levels=0",
-                            "-o", out, "--json", *CPU)
+    code, stdout, err = run_cli(capsys, "finetune", pruned, "--set", f"data.train={MANIFEST}", "--set",
+                                "training.steps=1", "--set", "sampling.mode=sandwich", "--set",
+                                "sampling.random_levels=0", "-o", out, "--json", *CPU)
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["steps"] == 1 and summary["output"] == str(out)
@@ -137,8 +122,8 @@ def test_set_overrides_and_json_summary(capsys: pytest.CaptureFixture[str], tmp_
 def test_finetune_a_pruned_bundle_keeps_levels_and_codes(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                           pruned: Path):
     out = tmp_path / "tuned.safetensors"
-    code, stdout, err = run(capsys, "finetune", pruned, "--data", MANIFEST, "--steps", "2", "--lr", "1e-2",
-                            "--seed", "3", "-o", out, "--json", *CPU)
+    code, stdout, err = run_cli(capsys, "finetune", pruned, "--data", MANIFEST, "--steps", "2", "--lr", "1e-2",
+                                "--seed", "3", "-o", out, "--json", *CPU)
     assert code == 0, err
     assert json.loads(stdout)["steps"] == 2
     before, after = load_bundle(pruned), load_bundle(out)
@@ -163,6 +148,6 @@ def test_finetune_a_pruned_bundle_keeps_levels_and_codes(capsys: pytest.CaptureF
     assert meta["training"]["steps"] == 2 and set(meta["training"]["final_loss"]) == {"dense", "0.5", "0.8"}
 
     # the result is a working bundle for the other commands
-    code, stdout, err = run(capsys, "evaluate", out, "--data", MANIFEST, "--json", "-")
+    code, stdout, err = run_cli(capsys, "evaluate", out, "--data", MANIFEST, "--json", "-")
     assert code == 0, err
     assert [entry["level"] for entry in json.loads(stdout)["levels"]] == [0.0, 0.5, 0.8]

@@ -6,16 +6,21 @@ import builtins
 import json
 import os
 import re
-import shutil
 import stat
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEFAULT_PRUNED, random_state_dict, write_checkpoint
+from helpers import (
+    DEFAULT_PRUNED,
+    assert_one_error_line,
+    console_script,
+    random_state_dict,
+    run_cli,
+    run_dsnn,
+    write_checkpoint,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,21 +32,6 @@ LEVELS = "0.5,0.7,0.9"
 # Sizes of the default-pruned tensors of helpers.random_state_dict(): brain, conv, ff, half, hh, ih.
 PRUNED_SIZES = [40, 48, 128, 64, 256, 256]
 TOTAL_FLOAT_PARAMS = 920  # every floating-point tensor of random_state_dict(); the int64 buffer is not a param
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, fragment: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,7 @@ def expected_pruned(level: float) -> int:
 
 def test_prune_prints_level_table(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
-    code, stdout, err = run(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
+    code, stdout, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
     assert code == 0 and err == ""
     assert f"wrote {out}" in stdout and "6 pruned tensors" in stdout
     assert re.search(r"dense\s*│\s*0\.00 %", stdout)
@@ -80,21 +70,21 @@ def test_prune_prints_level_table(tmp_path: Path, dense: Path, capsys: pytest.Ca
 def test_prune_records_its_own_command_line(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
     args = ["prune", str(dense), "--levels", LEVELS, "-o", str(out), "--allocation", "global"]
-    assert run(capsys, *args, "--debug")[0] == 0
+    assert run_cli(capsys, *args, "--debug")[0] == 0
     bundle = load_bundle(out)
     assert bundle.metadata["command"] == ["dsnn", *args]
     assert bundle.metadata["allocation"] == "global"
 
 
 def test_prune_json(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run(capsys, "prune", dense, "--levels", LEVELS, "-o", tmp_path / "b.safetensors", "--json")
+    code, stdout, _ = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", tmp_path / "b.safetensors", "--json")
     assert code == 0
     report = json.loads(stdout)
     assert [e["pruned"] for e in report["levels"]] == [0, *(expected_pruned(s) for s in (0.5, 0.7, 0.9))]
 
 
 def test_inspect_table(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run(capsys, "inspect", bundle)
+    code, stdout, _ = run_cli(capsys, "inspect", bundle)
     assert code == 0
     flat = " ".join(stdout.split())  # the header line may wrap at the console width
     assert "3 sparse levels, 2-bit codes, per-layer allocation, 6 pruned tensors" in flat
@@ -105,7 +95,7 @@ def test_inspect_table(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_inspect_layers(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run(capsys, "inspect", bundle, "--layers")
+    code, stdout, _ = run_cli(capsys, "inspect", bundle, "--layers")
     assert code == 0
     for name in DEFAULT_PRUNED:
         assert name in stdout
@@ -117,7 +107,7 @@ def test_inspect_layers(bundle: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_inspect_json(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run(capsys, "inspect", bundle, "--json")
+    code, stdout, _ = run_cli(capsys, "inspect", bundle, "--json")
     assert code == 0
     report = json.loads(stdout)
     assert "tensors" not in report
@@ -131,7 +121,7 @@ def test_inspect_json(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert entry["overall_sparsity"] == pytest.approx(pruned / TOTAL_FLOAT_PARAMS, abs=1e-8)
         assert entry["nonzero_params"] == TOTAL_FLOAT_PARAMS - pruned
     assert report["source"]["file"] == "dense.safetensors"
-    code, stdout, _ = run(capsys, "inspect", bundle, "--json", "--layers")
+    code, stdout, _ = run_cli(capsys, "inspect", bundle, "--json", "--layers")
     tensors = json.loads(stdout)["tensors"]
     assert sorted(tensors) == DEFAULT_PRUNED
     assert tensors["half.weight"]["pruned"] == [0, 32, 45, 58]  # 64 weights: round(32), round(44.8), round(57.6)
@@ -154,57 +144,57 @@ def check_export(state: dict[str, torch.Tensor], bundle: Path, level_index: int)
 
 def test_export_safetensors_and_torch(tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     st_path, pt_path = tmp_path / "l70.safetensors", tmp_path / "l70.pt"
-    code, _, err = run(capsys, "export", bundle, "--level", "0.7", "-o", st_path)
+    code, _, err = run_cli(capsys, "export", bundle, "--level", "0.7", "-o", st_path)
     assert code == 0, err
     with safe_open(str(st_path), framework="pt") as fh:
         exported = {n: fh.get_tensor(n) for n in fh.keys()}  # noqa: SIM118
         meta = fh.metadata()
     assert meta["dsnn_level"] == "0.7" and meta["format"] == "pt"
     check_export(exported, bundle, 2)
-    code, _, err = run(capsys, "export", bundle, "--level", "70%", "-o", pt_path)
+    code, _, err = run_cli(capsys, "export", bundle, "--level", "70%", "-o", pt_path)
     assert code == 0, err
     check_export(torch.load(pt_path, weights_only=True), bundle, 2)
     again = tmp_path / "again.safetensors"
-    assert run(capsys, "export", bundle, "--level", "70%", "-o", again)[0] == 0
+    assert run_cli(capsys, "export", bundle, "--level", "70%", "-o", again)[0] == 0
     assert again.read_bytes() == st_path.read_bytes()
 
 
 def test_export_dense_level_equals_source(tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "dense_again.safetensors"
-    assert run(capsys, "export", bundle, "--level", "dense", "-o", out)[0] == 0
+    assert run_cli(capsys, "export", bundle, "--level", "dense", "-o", out)[0] == 0
     with safe_open(str(out), framework="pt") as fh:
         exported = {n: fh.get_tensor(n) for n in fh.keys()}  # noqa: SIM118
     source = random_state_dict(0)
     for name, tensor in source.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor)
     out_pt = tmp_path / "l90.bin"
-    assert run(capsys, "export", bundle, "--level", "0.9", "-o", out_pt, "--format", "torch")[0] == 0
+    assert run_cli(capsys, "export", bundle, "--level", "0.9", "-o", out_pt, "--format", "torch")[0] == 0
     check_export(torch.load(out_pt, weights_only=True), bundle, 3)
 
 
 def test_force_overwrites_existing_output(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
     out.write_bytes(b"old contents")
-    code, _, err = run(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
+    code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
     assert code == 2
     assert_one_error_line(err, "already exists")
     assert out.read_bytes() == b"old contents"
-    code, _, err = run(capsys, "prune", dense, "--levels", "0.6", "-o", out, "--force")
+    code, _, err = run_cli(capsys, "prune", dense, "--levels", "0.6", "-o", out, "--force")
     assert code == 0, err
     assert load_bundle(out).levels == (0.6,)
     exported = tmp_path / "e.pt"
     exported.write_bytes(b"old export")
-    code, _, err = run(capsys, "export", out, "--level", "0.6", "-o", exported)
+    code, _, err = run_cli(capsys, "export", out, "--level", "0.6", "-o", exported)
     assert code == 2 and exported.read_bytes() == b"old export"
     assert_one_error_line(err, "already exists")
-    assert run(capsys, "export", out, "--level", "0.6", "-o", exported, "--force")[0] == 0
+    assert run_cli(capsys, "export", out, "--level", "0.6", "-o", exported, "--force")[0] == 0
     assert torch.load(exported, weights_only=True).keys() == random_state_dict(0).keys()
 
 
 def test_version_and_no_args(capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run(capsys, "--version")
+    code, stdout, _ = run_cli(capsys, "--version")
     assert code == 0 and stdout.strip() == f"dsnn-compress {__version__}"
-    code, stdout, _ = run(capsys)
+    code, stdout, _ = run_cli(capsys)
     assert code == 0 and "prune" in stdout and "inspect" in stdout and "export" in stdout
 
 
@@ -302,7 +292,7 @@ def test_prune_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str], case
     args = ["prune", str(source), "--levels", LEVELS, "-o", str(out_dir / "b.safetensors")]
     args += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     before = sorted(work.iterdir())
-    code, stdout, err = run(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == expected_code, err
     assert_one_error_line(err, fragment)
     assert stdout == ""
@@ -318,7 +308,7 @@ def test_failed_prune_with_force_leaves_existing_output(
     make, extra, expected_code, fragment = PRUNE_FAILURES[case]
     out = tmp_path / "b.safetensors"
     out.write_bytes(b"previous bundle")
-    code, _, err = run(capsys, "prune", make(tmp_path), "--levels", LEVELS, "-o", out, "--force", *extra)
+    code, _, err = run_cli(capsys, "prune", make(tmp_path), "--levels", LEVELS, "-o", out, "--force", *extra)
     assert code == expected_code
     assert_one_error_line(err, fragment)
     assert out.read_bytes() == b"previous bundle"
@@ -332,7 +322,7 @@ def test_unwritable_output_directory(tmp_path: Path, dense: Path, capsys: pytest
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running with privileges that ignore directory permissions")
-        code, _, err = run(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
+        code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
         assert code == 1
         assert_one_error_line(err, "not writable")
         assert list(locked.iterdir()) == []
@@ -348,7 +338,7 @@ def test_unwritable_output_directory_reported_before_work(
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
-    code, _, err = run(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
+    code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
     assert code == 1
     assert_one_error_line(err, f"output directory {locked} is not writable")
     assert list(locked.iterdir()) == []
@@ -371,7 +361,7 @@ def test_export_failures(
 ) -> None:
     out_dir = tmp_path / "exports"
     out_dir.mkdir()
-    code, _, err = run(capsys, "export", bundle, *args, "-o", out_dir / "x.safetensors")
+    code, _, err = run_cli(capsys, "export", bundle, *args, "-o", out_dir / "x.safetensors")
     assert code == expected_code
     assert_one_error_line(err, fragment)
     assert list(out_dir.iterdir()) == []
@@ -380,13 +370,13 @@ def test_export_failures(
 @pytest.mark.parametrize("command", ["inspect", "export"])
 def test_non_bundle_inputs(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
     extra = ["--level", "0.5", "-o", str(tmp_path / "x.safetensors")] if command == "export" else []
-    code, _, err = run(capsys, command, dense, *extra)
+    code, _, err = run_cli(capsys, command, dense, *extra)
     assert code == 1
     assert_one_error_line(err, "is not a DSNN bundle")
-    code, _, err = run(capsys, command, _truncated(tmp_path), *extra)
+    code, _, err = run_cli(capsys, command, _truncated(tmp_path), *extra)
     assert code == 1
     assert_one_error_line(err, "not a readable safetensors file")
-    code, _, err = run(capsys, command, tmp_path / "missing.safetensors", *extra)
+    code, _, err = run_cli(capsys, command, tmp_path / "missing.safetensors", *extra)
     assert code == 1
     assert_one_error_line(err, "does not exist")
     assert not (tmp_path / "x.safetensors").exists()
@@ -396,43 +386,31 @@ def test_debug_shows_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "nope.pt"
-    code, _, err = run(capsys, "--debug", "prune", missing, "--levels", LEVELS, "-o", tmp_path / "b.safetensors")
+    code, _, err = run_cli(capsys, "--debug", "prune", missing, "--levels", LEVELS, "-o", tmp_path / "b.safetensors")
     assert code == 1
     assert "Traceback (most recent call last)" in err and "DsnnError" in err
     assert err.strip().splitlines()[-1].startswith("error: checkpoint")
     monkeypatch.setenv("DSNN_DEBUG", "1")
-    code, _, err = run(capsys, "inspect", missing)
+    code, _, err = run_cli(capsys, "inspect", missing)
     assert code == 1 and "Traceback" in err
 
 
 # ---------------------------------------------------------------- the installed entry point
 
 
-def dsnn_command() -> list[str]:
-    script = Path(sys.executable).parent / "dsnn"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("dsnn")
-    return [found] if found else [sys.executable, "-m", "dsnn_compress.cli"]
-
-
 def test_console_script_end_to_end(tmp_path: Path, dense: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DSNN_DEBUG"}
-    env["COLUMNS"] = "200"
+    def dsnn(*args: object):
+        return run_dsnn(*args, launcher=console_script(), cwd=tmp_path, timeout=120)
+
     bundle = tmp_path / "b.safetensors"
-
-    def dsnn(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*dsnn_command(), *map(str, args)], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=120)
-
     result = dsnn("prune", dense, "--levels", LEVELS, "-o", bundle, "--json")
-    assert result.returncode == 0, result.stderr
-    assert [e["pruned"] for e in json.loads(result.stdout)["levels"]] == [
+    assert result.code == 0, result.err
+    assert [e["pruned"] for e in json.loads(result.out)["levels"]] == [
         0, *(expected_pruned(s) for s in (0.5, 0.7, 0.9))
     ]
     result = dsnn("inspect", bundle, "--json", "--layers")
-    assert result.returncode == 0, result.stderr
-    assert sorted(json.loads(result.stdout)["tensors"]) == DEFAULT_PRUNED
+    assert result.code == 0, result.err
+    assert sorted(json.loads(result.out)["tensors"]) == DEFAULT_PRUNED
     result = dsnn("inspect", dense)
-    assert result.returncode == 1 and result.stdout == ""
-    assert_one_error_line(result.stderr, "is not a DSNN bundle")
+    assert result.code == 1 and result.out == ""
+    assert_one_error_line(result.err, "is not a DSNN bundle")

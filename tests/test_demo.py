@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_usage_error, run_cli
 from safetensors import safe_open
 
 from dsnn_compress import demo as demo_module
-from dsnn_compress.cli import main
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
-from dsnn_compress.models.registry import new_adapter, save_checkpoint
+from dsnn_compress.models.registry import new_adapter
+from dsnn_compress.sources.checkpoint import save_checkpoint
 
 REAL_ASSETS = demo_module.demo_assets()
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_embedded_data_is_shipped_and_readable() -> None:
@@ -48,9 +51,9 @@ def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pyt
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo-out"
-    code = main(["demo", "--out", "demo-out", "--steps", "2", "--max-eval", "4", "--json"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
+    code, stdout, err = run_cli(capsys, "demo", "--out", "demo-out", "--steps", "2", "--max-eval", "4", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
     assert [row["level"] for row in result["levels"]] == [0.0, 0.5, 0.7, 0.9]
     nonzero = [row["nonzero_params"] for row in result["levels"]]
     assert nonzero == sorted(nonzero, reverse=True) and len(set(nonzero)) == 4
@@ -68,6 +71,5 @@ def test_demo_refuses_a_non_empty_directory(tiny_assets: Path, tmp_path: Path,
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["demo", "--out", str(out), "--steps", "1"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert_usage_error(run_cli(capsys, "demo", "--out", out, "--steps", "1"), "not empty")
     assert (out / "keep.txt").read_text() == "mine"

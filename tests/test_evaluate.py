@@ -9,7 +9,7 @@ from pathlib import Path
 import jiwer
 import pytest
 import torch
-from asr_fixtures import (  # noqa: F401 - tiny_model and one_torch_thread are fixtures
+from asr_fixtures import (
     AUDIOFOLDER,
     DATA,
     KALDI,
@@ -19,15 +19,13 @@ from asr_fixtures import (  # noqa: F401 - tiny_model and one_torch_thread are f
     copy_manifest,
     decode_file,
     file_seconds,
-    one_torch_thread,
-    tiny_model,
     write_random_bytes,
     write_zero_length_wav,
 )
+from helpers import assert_one_error_line, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import normalize_text
@@ -37,16 +35,19 @@ from dsnn_compress.evaluation.scoring import char_errors, word_errors
 from dsnn_compress.models.builtin import BuiltinAdapter
 from dsnn_compress.prune import prune_checkpoint
 
-REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped"}
+REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
+               "gates"}
 LEVEL_KEYS = {"level", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds", "processing_seconds",
               "rtfx", "utterances_scored", "utterances_skipped"}
 COUNT_KEYS = {"substitutions", "deletions", "insertions", "hits", "reference_length", "rate"}
 REFERENCES = [normalize_text(u.text) for u in read_manifest(MANIFEST)]
 IDS = [u.id for u in read_manifest(MANIFEST)]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
-def report(tiny_model):  # noqa: F811
+def report(tiny_model):
     return evaluate(tiny_model.bundle, MANIFEST, "all", details=True)
 
 
@@ -58,20 +59,6 @@ def scores(rep: dict) -> list[tuple]:
     """Everything of a report that must not depend on the manifest format."""
     return [(e["level"], e["wer"], e["cer"], e["words"], e["chars"], e["nonzero_params"], e["utterances_scored"])
             for e in rep["levels"]]
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -96,13 +83,13 @@ def test_report_schema(report):
     json.loads(json.dumps(report, allow_nan=False))  # strict JSON
 
 
-def test_report_without_details_has_no_utterances(tiny_model):  # noqa: F811
+def test_report_without_details_has_no_utterances(tiny_model):
     rep = evaluate(tiny_model.bundle, MANIFEST, "0.9")
     assert set(rep) == REPORT_KEYS
     assert [e["level"] for e in rep["levels"]] == [0.9]
 
 
-def test_audio_seconds_is_the_total_duration(tiny_model, report):  # noqa: F811
+def test_audio_seconds_is_the_total_duration(tiny_model, report):
     total = file_seconds(audio_files())
     # the Kaldi directory has no durations: the whole files are read
     kaldi = evaluate(tiny_model.bundle, KALDI, "0")
@@ -114,7 +101,7 @@ def test_audio_seconds_is_the_total_duration(tiny_model, report):  # noqa: F811
         assert entry["audio_seconds"] == pytest.approx(total, abs=8 * 1e-3)
 
 
-def test_nonzero_params_follow_the_bundle(tiny_model, report):  # noqa: F811
+def test_nonzero_params_follow_the_bundle(tiny_model, report):
     bundle = load_bundle(tiny_model.bundle)
     summary = bundle.summary()
     entries = report["levels"]
@@ -151,11 +138,20 @@ def test_rates_and_timing_are_consistent(report):
     assert levels[0.0]["wer"] < levels[0.9]["wer"]
 
 
+@pytest.fixture(scope="module")
+def independent(tiny_model) -> dict[float, list[str]]:
+    """Per level: the transcripts of a fresh model holding ``state_dict_at(level)``, one utterance at a time."""
+    out = {}
+    for level in (0.0, 0.5, 0.9):
+        adapter = adapter_at(tiny_model.bundle, level)
+        out[level] = [normalize_text(decode_file(adapter, path)) for path in audio_files()]
+    return out
+
+
 @pytest.mark.parametrize("level", [0.0, 0.5, 0.9])
-def test_hypotheses_match_an_independent_decoding(tiny_model, report, level):  # noqa: F811
+def test_hypotheses_match_an_independent_decoding(report, independent, level):
     """Batched evaluation at a level == the model rebuilt from state_dict_at(level), one utterance at a time."""
-    adapter = adapter_at(tiny_model.bundle, level)
-    expected = [normalize_text(decode_file(adapter, path)) for path in audio_files()]
+    expected = independent[level]
     details = report["utterances"]
     assert [u["id"] for u in details] == IDS
     assert [u["reference"] for u in details] == REFERENCES
@@ -169,13 +165,37 @@ def test_hypotheses_match_an_independent_decoding(tiny_model, report, level):  #
         words.substitutions, words.deletions, words.insertions)
 
 
-def test_levels_really_switch(report):
-    hyps = {lv: [u["hypotheses"][lv] for u in report["utterances"]] for lv in ("0", "0.5", "0.9")}
-    assert hyps["0"] != hyps["0.9"]
-    assert hyps["0.5"] != hyps["0.9"]
+def test_levels_really_switch(tiny_model, independent, monkeypatch):
+    """Each level is decoded with exactly the weights of ``state_dict_at(level)``, also when switching back to a
+    denser level, and gives the transcripts and WER of a fresh model holding those weights."""
+    bundle = load_bundle(tiny_model.bundle)
+    decoded_with: list[dict[str, torch.Tensor]] = []  # the model's weights at each decode call
+    decode = BuiltinAdapter.decode
+
+    def spy(self, batch):
+        decoded_with.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return decode(self, batch)
+
+    monkeypatch.setattr(BuiltinAdapter, "decode", spy)
+    order = [0.9, 0.0, 0.5]  # sparse first: going back to dense must restore the pruned weights
+    rep = evaluate(tiny_model.bundle, MANIFEST, ",".join(map(str, order)), details=True)
+    assert [e["level"] for e in rep["levels"]] == order
+    per_level, rest = divmod(len(decoded_with) - 1, len(order))  # the first call is a warm-up at the first level
+    assert per_level >= 1 and rest == 0
+    phases = [order[0]] + [level for level in order for _ in range(per_level)]
+    for level, weights in zip(phases, decoded_with, strict=True):
+        expected = bundle.state_dict_at(level)
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), level
+    for entry in rep["levels"]:
+        hyps = [u["hypotheses"][f"{entry['level']:g}"] for u in rep["utterances"]]
+        assert hyps == independent[entry["level"]]
+        assert entry["wer"] == pytest.approx(jiwer.wer(REFERENCES, hyps))
+    # the levels decode differently, so transcripts of the wrong level would not pass
+    assert independent[0.0] != independent[0.9] and independent[0.5] != independent[0.9]
 
 
-def test_hypotheses_are_normalised_before_scoring(tiny_model, monkeypatch):  # noqa: F811
+def test_hypotheses_are_normalised_before_scoring(tiny_model, monkeypatch):
     """Stray and doubled spaces in the decoder output are not counted as character errors."""
     monkeypatch.setattr(BuiltinAdapter, "decode", lambda self, batch: ["  call   sarah "] * len(batch))
     rep = evaluate(tiny_model.bundle, MANIFEST, "0", details=True)
@@ -185,7 +205,7 @@ def test_hypotheses_are_normalised_before_scoring(tiny_model, monkeypatch):  # n
     assert entry["words"] == word_errors(REFERENCES, ["call sarah"] * 8).to_dict()
 
 
-def test_level_selection(tiny_model):  # noqa: F811
+def test_level_selection(tiny_model):
     rep = evaluate(tiny_model.bundle, MANIFEST, "0.9, 0,90%")
     assert [e["level"] for e in rep["levels"]] == [0.9, 0.0]
     with pytest.raises(UsageError, match="level 0.7 is not in"):
@@ -194,12 +214,12 @@ def test_level_selection(tiny_model):  # noqa: F811
         evaluate(tiny_model.bundle, MANIFEST, "0.5", batch_frames=0)
 
 
-def test_batch_size_does_not_change_the_result(tiny_model, report):  # noqa: F811
+def test_batch_size_does_not_change_the_result(tiny_model, report):
     one_by_one = evaluate(tiny_model.bundle, MANIFEST, "all", batch_frames=1)
     assert scores(one_by_one) == scores(report)
 
 
-def test_plain_checkpoint_is_one_dense_level(tiny_model, report):  # noqa: F811
+def test_plain_checkpoint_is_one_dense_level(tiny_model, report):
     rep = evaluate(tiny_model.checkpoint, MANIFEST)
     assert rep["model"]["kind"] == "checkpoint"
     assert [e["level"] for e in rep["levels"]] == [0.0]
@@ -210,7 +230,7 @@ def test_plain_checkpoint_is_one_dense_level(tiny_model, report):  # noqa: F811
 
 
 @pytest.mark.parametrize("data", [KALDI, AUDIOFOLDER, DATA / "audiofolder_jsonl"], ids=["kaldi", "csv", "jsonl"])
-def test_every_manifest_format_gives_the_same_numbers(tiny_model, report, data):  # noqa: F811
+def test_every_manifest_format_gives_the_same_numbers(tiny_model, report, data):
     rep = evaluate(tiny_model.bundle, data, "all", details=True)
     assert scores(rep) == scores(report)
     assert [u["hypotheses"] for u in rep["utterances"]] == [u["hypotheses"] for u in report["utterances"]]
@@ -220,7 +240,7 @@ def test_every_manifest_format_gives_the_same_numbers(tiny_model, report, data):
 # ------------------------------------------------------------------------------------------------ gates
 
 
-def test_gate_passes(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_gate_passes(tiny_model, tmp_path, capsys):
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, "--max-wer", "0.9:1000",
                                 "--json", out)
@@ -231,7 +251,7 @@ def test_gate_passes(tiny_model, tmp_path, capsys):  # noqa: F811
     assert "WER %" in stdout  # the table
 
 
-def test_gate_fails_with_exit_3_and_reports_are_still_written(tiny_model, report, tmp_path, capsys):  # noqa: F811
+def test_gate_fails_with_exit_3_and_reports_are_still_written(tiny_model, report, tmp_path, capsys):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, "--max-wer", "0.9:0",
                            "--json", out, "--markdown", md)
@@ -250,7 +270,7 @@ def test_gate_fails_with_exit_3_and_reports_are_still_written(tiny_model, report
     assert f"| 0.9 | {wer:.2f} |" in text
 
 
-def test_max_wer_increase(tiny_model, report, tmp_path, capsys):  # noqa: F811
+def test_max_wer_increase(tiny_model, report, tmp_path, capsys):
     levels = by_level(report)
     increase = 100 * (levels[0.5]["wer"] - levels[0.0]["wer"])
     out = tmp_path / "r.json"
@@ -271,7 +291,7 @@ def test_max_wer_increase(tiny_model, report, tmp_path, capsys):  # noqa: F811
 
 @pytest.mark.parametrize("gate", [["--max-wer", "0.9"], ["--max-wer", "0.9:lots"], ["--max-wer-increase", "0.5"],
                                   ["--max-wer", "1.5:10"]])
-def test_malformed_gate_is_a_usage_error(tiny_model, tmp_path, capsys, gate):  # noqa: F811
+def test_malformed_gate_is_a_usage_error(tiny_model, tmp_path, capsys, gate):
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, *gate, "--json", out)
     assert code == 2
@@ -279,7 +299,7 @@ def test_malformed_gate_is_a_usage_error(tiny_model, tmp_path, capsys, gate):  #
     assert not out.exists()
 
 
-def test_gate_on_a_level_not_evaluated_is_a_usage_error(tiny_model, capsys):  # noqa: F811
+def test_gate_on_a_level_not_evaluated_is_a_usage_error(tiny_model, capsys):
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, "--levels", "0.9",
                            "--max-wer", "0.5:50")
     assert code == 2
@@ -290,7 +310,7 @@ def test_gate_on_a_level_not_evaluated_is_a_usage_error(tiny_model, capsys):  # 
     assert "dense" in assert_one_error_line(err)
 
 
-def test_json_to_stdout(tiny_model, report, capsys):  # noqa: F811
+def test_json_to_stdout(tiny_model, report, capsys):
     code, stdout, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, "--json", "-")
     assert code == 0, err
     rep = json.loads(stdout)
@@ -298,7 +318,7 @@ def test_json_to_stdout(tiny_model, report, capsys):  # noqa: F811
     assert rep["gates"] == []
 
 
-def test_json_to_stdout_stays_valid_with_long_lines(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_json_to_stdout_stays_valid_with_long_lines(tiny_model, tmp_path, capsys):
     """Long paths must not be wrapped (a newline inside a JSON string is invalid)."""
     deep = tmp_path / ("d" * 150)
     deep.mkdir()
@@ -332,7 +352,7 @@ BAD_UTTERANCES = {"missing": "nope.flac", "corrupt": "noise.flac", "empty": "emp
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_UTTERANCES))
-def test_bad_utterance_fails(tiny_model, tmp_path, capsys, kind):  # noqa: F811
+def test_bad_utterance_fails(tiny_model, tmp_path, capsys, kind):
     manifest = copy_manifest(tmp_path, extra=[_bad_utterance(kind, tmp_path)])
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--json", out)
@@ -344,7 +364,7 @@ def test_bad_utterance_fails(tiny_model, tmp_path, capsys, kind):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_UTTERANCES))
-def test_bad_utterance_is_skipped_with_skip_bad(tiny_model, report, tmp_path, capsys, kind):  # noqa: F811
+def test_bad_utterance_is_skipped_with_skip_bad(tiny_model, report, tmp_path, capsys, kind):
     manifest = copy_manifest(tmp_path, extra=[_bad_utterance(kind, tmp_path)])
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--json", out, "--skip-bad")
@@ -361,7 +381,7 @@ def test_bad_utterance_is_skipped_with_skip_bad(tiny_model, report, tmp_path, ca
     assert "bad" in err  # the note on stderr names the skipped utterance
 
 
-def test_several_bad_utterances_are_all_listed(tiny_model, tmp_path):  # noqa: F811
+def test_several_bad_utterances_are_all_listed(tiny_model, tmp_path):
     extra = []
     for kind in ("missing", "corrupt", "digits"):
         entry = _bad_utterance(kind, tmp_path)
@@ -374,14 +394,14 @@ def test_several_bad_utterances_are_all_listed(tiny_model, tmp_path):  # noqa: F
     assert rep["levels"][0]["utterances_skipped"] == 3
 
 
-def test_only_bad_utterances_fail_even_with_skip_bad(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_only_bad_utterances_fail_even_with_skip_bad(tiny_model, tmp_path, capsys):
     manifest = copy_manifest(tmp_path, extra=[_bad_utterance("missing", tmp_path)], keep=0)
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--skip-bad")
     assert code == 1
     assert "no utterance" in assert_one_error_line(err)
 
 
-def test_transcripts_without_words_fail(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_transcripts_without_words_fail(tiny_model, tmp_path, capsys):
     """WER is undefined without reference words; the report must not hold Infinity (not valid JSON)."""
     manifest = tmp_path / "silence.jsonl"
     manifest.write_text("".join(json.dumps({"audio_filepath": str(p), "text": t}) + "\n"
@@ -399,7 +419,7 @@ def _manifest_text(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_manifest_line_that_is_not_json(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_manifest_line_that_is_not_json(tiny_model, tmp_path, capsys):
     good = json.dumps({"audio_filepath": str(audio_files()[0]), "text": "call liam"})
     manifest = _manifest_text(tmp_path, f"{good}\n{{not json\n")
     out = tmp_path / "r.json"
@@ -410,7 +430,7 @@ def test_manifest_line_that_is_not_json(tiny_model, tmp_path, capsys):  # noqa: 
         assert not out.exists()
 
 
-def test_manifest_line_without_text(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_manifest_line_without_text(tiny_model, tmp_path, capsys):
     manifest = _manifest_text(tmp_path, json.dumps({"audio_filepath": str(audio_files()[0])}) + "\n")
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest)
     assert code == 1
@@ -419,7 +439,7 @@ def test_manifest_line_without_text(tiny_model, tmp_path, capsys):  # noqa: F811
     assert "text" in line
 
 
-def test_empty_manifest(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_empty_manifest(tiny_model, tmp_path, capsys):
     manifest = _manifest_text(tmp_path, "")
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--json", out)
@@ -428,7 +448,7 @@ def test_empty_manifest(tiny_model, tmp_path, capsys):  # noqa: F811
     assert not out.exists()
 
 
-def test_missing_model_and_manifest(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_missing_model_and_manifest(tiny_model, tmp_path, capsys):
     code, _, err = run_cli(capsys, "evaluate", tmp_path / "nope.safetensors", "--data", MANIFEST)
     assert code == 1
     assert "does not exist" in assert_one_error_line(err)
@@ -437,7 +457,7 @@ def test_missing_model_and_manifest(tiny_model, tmp_path, capsys):  # noqa: F811
     assert "not found" in assert_one_error_line(err)
 
 
-def test_bundle_without_model_metadata(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_bundle_without_model_metadata(tiny_model, tmp_path, capsys):
     """A bundle pruned from a plain state dict holds no model description: it cannot be evaluated."""
     with safe_open(str(tiny_model.checkpoint), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
@@ -452,7 +472,7 @@ def test_bundle_without_model_metadata(tiny_model, tmp_path, capsys):  # noqa: F
     assert not out.exists()
 
 
-def test_bundle_whose_model_metadata_does_not_match_its_tensors(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_bundle_whose_model_metadata_does_not_match_its_tensors(tiny_model, tmp_path, capsys):
     with safe_open(str(tiny_model.bundle), framework="pt") as handle:
         metadata = dict(handle.metadata())
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118

@@ -6,17 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_error_line, assert_usage_error, run_cli
 from safetensors import safe_open
 
 from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.export.formats import export_level, export_levels, level_output_path
-from dsnn_compress.models.registry import adapter_from_metadata, load_checkpoint_adapter, new_adapter, save_checkpoint
+from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
 from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.sources.checkpoint import save_checkpoint
+from dsnn_compress.sources.runnable import load_checkpoint_adapter
 
 DATA = Path(__file__).parent / "data"
 VOCABULARY = list("abcdefghijklmnopqrstuvwxyz' ")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["conformer-ctc", "lstm-ctc"])
@@ -65,10 +70,9 @@ def test_cli_level_all_refuses_existing_files_without_force(bundle_path: Path, t
     target = tmp_path / "m.safetensors"
     assert main(["export", str(bundle_path), "--level", "all", "--format", "checkpoint", "-o", str(target)]) == 0
     before = level_output_path(target, 0.5).read_bytes()
-    capsys.readouterr()
-    code = main(["export", str(bundle_path), "--level", "all", "--format", "checkpoint", "-o", str(target)])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: output") and "--force" in err
+    line = assert_usage_error(run_cli(capsys, "export", bundle_path, "--level", "all", "--format", "checkpoint",
+                                      "-o", target), "--force")
+    assert line.startswith("error: output")
     assert level_output_path(target, 0.5).read_bytes() == before
 
 
@@ -97,7 +101,7 @@ def test_onnx_without_model_description_is_a_clear_error(tmp_path: Path, capsys:
 
     save_file({"layer.weight": torch.randn(8, 8)}, str(tmp_path / "plain.safetensors"))
     prune_checkpoint(tmp_path / "plain.safetensors", [0.5], tmp_path / "b.safetensors")
-    code = main(["export", str(tmp_path / "b.safetensors"), "--level", "0.5", "-o", str(tmp_path / "m.onnx")])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "no model description" in err
+    code, _, err = run_cli(capsys, "export", tmp_path / "b.safetensors", "--level", "0.5", "-o", tmp_path / "m.onnx")
+    assert code == 1
+    assert_one_error_line(err, "no model description")
     assert not (tmp_path / "m.onnx").exists()

@@ -18,6 +18,8 @@ LEVELS = (0.3, 0.6, 0.9)
 PRUNED = ["lstm.weight_hh_l0", "lstm.weight_hh_l0_reverse", "lstm.weight_ih_l0", "lstm.weight_ih_l0_reverse",
           "mlp.0.weight", "mlp.2.weight"]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class Net(nn.Module):
     def __init__(self) -> None:

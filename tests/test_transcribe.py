@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from asr_fixtures import (  # noqa: F401 - tiny_model and one_torch_thread are fixtures
+from asr_fixtures import (
     adapter_at,
     audio_files,
     decode_file,
-    one_torch_thread,
-    tiny_model,
     write_random_bytes,
     write_zero_length_wav,
 )
+from helpers import assert_one_error_line, run_cli
 
-from dsnn_compress.cli import main
 from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.transcribe import transcribe
 
 FILES = [audio_files()[i] for i in (0, 6, 7)]  # one OGG and two FLAC files
 
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tsv(stdout: str) -> list[tuple[str, str]]:
@@ -34,16 +28,8 @@ def tsv(stdout: str) -> list[tuple[str, str]]:
     return [tuple(line.split("\t", 1)) for line in lines[:-1]]
 
 
-def assert_one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
-def expected(tiny_model):  # noqa: F811
+def expected(tiny_model):
     """Transcripts per level from models rebuilt with ``state_dict_at(level)``, decoded file by file."""
     out = {}
     for level in (0.0, 0.5, 0.9):
@@ -53,21 +39,21 @@ def expected(tiny_model):  # noqa: F811
     return out
 
 
-def test_one_tab_separated_line_per_file(tiny_model, expected, capsys):  # noqa: F811
+def test_one_tab_separated_line_per_file(tiny_model, expected, capsys):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, *FILES)
     assert code == 0, err
     assert tsv(stdout) == [(str(path), text) for path, text in zip(FILES, expected[0.0])]
 
 
 @pytest.mark.parametrize("level", ["0.9", "90%", "0.5"])
-def test_level_matches_the_state_dict_at_that_level(tiny_model, expected, capsys, level):  # noqa: F811
+def test_level_matches_the_state_dict_at_that_level(tiny_model, expected, capsys, level):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, *FILES, "--level", level)
     assert code == 0, err
     value = 0.5 if level == "0.5" else 0.9
     assert [text for _, text in tsv(stdout)] == expected[value]
 
 
-def test_json_output(tiny_model, expected, capsys):  # noqa: F811
+def test_json_output(tiny_model, expected, capsys):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, *FILES, "--level", "0.9", "--json")
     assert code == 0, err
     items = json.loads(stdout)
@@ -77,7 +63,7 @@ def test_json_output(tiny_model, expected, capsys):  # noqa: F811
     assert [item["text"] for item in items] == expected[0.9]
 
 
-def test_json_output_stays_valid_with_long_paths(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_json_output_stays_valid_with_long_paths(tiny_model, tmp_path, capsys):
     deep = tmp_path / ("d" * 200)
     deep.mkdir()
     audio = deep / "x.flac"
@@ -87,13 +73,13 @@ def test_json_output_stays_valid_with_long_paths(tiny_model, tmp_path, capsys): 
     assert [item["file"] for item in json.loads(stdout)] == [str(audio)] * 2
 
 
-def test_python_api_matches_the_cli(tiny_model, expected):  # noqa: F811
+def test_python_api_matches_the_cli(tiny_model, expected):
     results = transcribe(tiny_model.bundle, FILES, "0.5")
     assert [r["text"] for r in results] == expected[0.5]
     assert [r["level"] for r in results] == [0.5] * len(FILES)
 
 
-def test_plain_checkpoint_transcribes_densely(tiny_model, expected, capsys):  # noqa: F811
+def test_plain_checkpoint_transcribes_densely(tiny_model, expected, capsys):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.checkpoint, *FILES)
     assert code == 0, err
     assert [text for _, text in tsv(stdout)] == expected[0.0]
@@ -102,7 +88,7 @@ def test_plain_checkpoint_transcribes_densely(tiny_model, expected, capsys):  # 
     assert "0.5" in assert_one_error_line(err)
 
 
-def test_level_not_in_bundle_is_a_usage_error(tiny_model, capsys):  # noqa: F811
+def test_level_not_in_bundle_is_a_usage_error(tiny_model, capsys):
     for level in ("0.7", "1.5", "lots"):
         code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, FILES[0], "--level", level)
         assert code == 2
@@ -113,7 +99,7 @@ def test_level_not_in_bundle_is_a_usage_error(tiny_model, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "empty"])
-def test_bad_audio_fails_with_one_line(tiny_model, tmp_path, capsys, kind):  # noqa: F811
+def test_bad_audio_fails_with_one_line(tiny_model, tmp_path, capsys, kind):
     if kind == "missing":
         bad, needle = tmp_path / "nope.wav", "not found"
     elif kind == "corrupt":
@@ -134,7 +120,7 @@ def test_missing_model(tmp_path, capsys):
     assert "does not exist" in assert_one_error_line(err)
 
 
-def test_no_audio_is_a_usage_error(tiny_model, capsys):  # noqa: F811
+def test_no_audio_is_a_usage_error(tiny_model, capsys):
     code, _, err = run_cli(capsys, "transcribe", tiny_model.bundle)
     assert code == 2
     assert_one_error_line(err)
