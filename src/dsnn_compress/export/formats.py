@@ -20,12 +20,14 @@ from ..models.registry import adapter_from_metadata, get_family
 from ..sources.checkpoint import save_checkpoint
 from ..sources.opener import open_source
 
-FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf")
+FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf", "ct2")
+DIRECTORY_FORMATS = ("hf", "ct2")
 """``safetensors``/``torch``: plain state dict (same keys and dtypes as the source). ``checkpoint``: a dsnn
 checkpoint (safetensors + model description) that ``evaluate``/``transcribe`` load. ``onnx``: the network at that
 level, inputs ``features [batch, time, mels]`` and ``lengths [batch]``, outputs ``log_probs`` and ``out_lengths``.
-``hf``: a Hugging Face ``save_pretrained`` directory (never inferred from the name). Which of the model formats a
-bundle can take is its family's ``export_formats``."""
+``hf``: a Hugging Face ``save_pretrained`` directory; ``ct2``: a faster-whisper (CTranslate2) model directory
+(directories are never inferred from the name). Which of the model formats a bundle can take is its family's
+``export_formats``."""
 
 
 def infer_format(output: Path, requested: str | None) -> str:
@@ -116,9 +118,9 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
         save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra)
-    elif fmt == "hf":
+    elif fmt in DIRECTORY_FORMATS:
         adapter, family = _adapter_at(bundle, value, fmt)
-        family.save_directory(adapter, out, level=value)
+        getattr(family, f"save_{fmt}")(adapter, out, level=value)
     else:
         adapter, _ = _adapter_at(bundle, value, fmt)
         n_mels = int(adapter.metadata().get("features", {}).get("n_mels", 80))
@@ -147,7 +149,7 @@ def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: 
     if not every:
         bundle.level_index(level)
     for target in targets:
-        if resolved == "hf":  # a directory
+        if resolved in DIRECTORY_FORMATS:
             check_output_dir(target, force)
         else:
             check_output_path(target, force)

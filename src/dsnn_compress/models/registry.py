@@ -14,9 +14,10 @@ the first time an unknown family is looked up, so checkpoints of such a family l
 importing it first.
 
 Optional family capabilities, read with ``getattr``: ``export_formats`` (the model formats beyond plain state dicts
-that ``dsnn export`` can write for the family: ``checkpoint``, ``onnx``, ``hf``) and ``save_directory(adapter,
-output, level)`` (writes the ``hf`` format). A family whose models live in directories registers a *describer*
-(:func:`register_directory_describer`) so that :func:`~dsnn_compress.sources.opener.open_source` recognises them.
+that ``dsnn export`` can write for the family: ``checkpoint``, ``onnx``, ``hf``, ``ct2``) and, for each directory
+format ``F`` among them, ``save_F(adapter, output, level)`` that writes it. A family whose models live in
+directories registers a *describer* (:func:`register_directory_describer`) so that
+:func:`~dsnn_compress.sources.opener.open_source` recognises them.
 """
 
 from __future__ import annotations

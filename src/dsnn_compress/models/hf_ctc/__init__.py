@@ -33,7 +33,7 @@ Package layout (one job per module; none imports ``transformers`` at import time
 * :mod:`.adapter` - :class:`HFCTCAdapter` (the :class:`~dsnn_compress.models.base.ModelAdapter`) and the
   weight-norm rename hooks;
 * :mod:`.family` - :func:`build_adapter`, :func:`adapter_from_source`, :class:`HFCTCFamily` / ``HF_CTC`` (with its
-  ``export_formats`` and ``save_directory``), and the registration of the ``hf-ctc`` family (done on import of this
+  ``export_formats`` and ``save_hf``), and the registration of the ``hf-ctc`` family (done on import of this
   package, which the registry imports lazily by its module path ``dsnn_compress.models.hf_ctc``);
 * :mod:`.export` - :func:`save_hf_directory`.
 """

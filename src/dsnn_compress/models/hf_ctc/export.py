@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ...errors import DsnnError
+from ...atomic import atomic_directory
 from .adapter import HFCTCAdapter
 from .metadata import FAMILY, FEATURE_EXTRACTOR_FILES, TOKENIZER_FILES, import_transformers, write_files
 
@@ -28,11 +26,9 @@ def save_hf_directory(adapter: HFCTCAdapter, output: str | os.PathLike, level: f
     ``preprocessor_config.json`` written from the feature extractor when the source had only a processor file.
     """
     out = Path(output)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     hf_logging = import_transformers().utils.logging
     bars = hf_logging.is_progress_bar_enabled()
-    try:
+    with atomic_directory(out) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.model.state_dict().items()}
         hf_logging.disable_progress_bar()  # our CLI shows its own progress
         try:
@@ -47,17 +43,4 @@ def save_hf_directory(adapter: HFCTCAdapter, output: str | os.PathLike, level: f
             (tmp / "dsnn_export.json").write_text(
                 json.dumps({"level": level, "family": FAMILY, "architecture": adapter.architecture}, indent=2) + "\n",
                 encoding="utf-8")
-        old = None
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DsnnError(f"cannot write {out}: {exc}", "check the output path and free space") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

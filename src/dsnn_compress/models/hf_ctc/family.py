@@ -161,7 +161,7 @@ class HFCTCFamily:
                             f"extractor's {adapter.sample_rate}", BAD_META_HINT)
         return adapter
 
-    def save_directory(self, adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
+    def save_hf(self, adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
         """``dsnn export --format hf``: ``adapter`` as a ``save_pretrained`` directory (:func:`save_hf_directory`)."""
         return save_hf_directory(adapter, output, level)
 
