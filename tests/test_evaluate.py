@@ -38,7 +38,7 @@ from dsnn_compress.prune import prune_checkpoint
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
                "gates"}
 LEVEL_KEYS = {"level", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds", "processing_seconds",
-              "rtfx", "utterances_scored", "utterances_skipped"}
+              "rtfx", "utterances_scored", "utterances_skipped", "decodes_capped"}
 COUNT_KEYS = {"substitutions", "deletions", "insertions", "hits", "reference_length", "rate"}
 REFERENCES = [normalize_text(u.text) for u in read_manifest(MANIFEST)]
 IDS = [u.id for u in read_manifest(MANIFEST)]

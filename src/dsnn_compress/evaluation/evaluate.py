@@ -97,6 +97,7 @@ def evaluate(
     hypotheses: dict[float, list[str]] = {}
     for level in chosen:
         loaded.set_level(level)
+        loaded.adapter.capped_decodes = 0
         hyps = [""] * len(data.ids)
         elapsed = 0.0
         for batch in batches:
@@ -123,6 +124,7 @@ def evaluate(
             "rtfx": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
             "utterances_scored": len(data.ids),
             "utterances_skipped": len(data.skipped),
+            "decodes_capped": loaded.adapter.capped_decodes,
         })
         hypotheses[level] = hyps
     loaded.set_level(0.0)
@@ -132,7 +134,7 @@ def evaluate(
         "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family},
         "data": {"path": str(data_path), "utterances": len(utterances)},
         "normalizer": norm,
-        "decoding": "greedy-ctc",
+        "decoding": loaded.adapter.decoding,
         "threads": torch.get_num_threads(),
         "levels": results,
         "skipped": data.skipped,

@@ -23,6 +23,10 @@ class ModelAdapter(Protocol):
     sample_rate: int
     normalizer: str
     """Name of the text normaliser references and hypotheses go through (``data.text.NORMALIZERS``)."""
+    decoding: str
+    """How :meth:`decode` turns outputs into text, as reports name it (``greedy-ctc``, ``greedy-seq2seq``)."""
+    capped_decodes: int
+    """Decodes cut at a length bound since the counter was last set to 0 (autoregressive models; CTC: always 0)."""
 
     def prepare(self, waveform: np.ndarray) -> torch.Tensor:
         """Turn one mono float32 waveform at ``sample_rate`` into the model's per-utterance input (time first)."""

@@ -37,6 +37,9 @@ class BuiltinAdapter:
     features: FeatureConfig
     config: ConformerConfig | LSTMConfig
     normalizer: str = "default"
+    decoding: str = "greedy-ctc"
+    capped_decodes: int = 0
+    """Always 0: greedy CTC decoding has no length bound to hit."""
 
     @property
     def sample_rate(self) -> int:

@@ -123,7 +123,9 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     model = report["model"]
     table = Table(title=f"{model['path']} on {report['data']['path']} (normaliser: {report['normalizer']})",
                   title_justify="left")
-    for column in ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped"):
+    bounded = _bounded(report)
+    columns = ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped")
+    for column in columns + (("capped",) if bounded else ()):
         table.add_column(column, justify="left" if column == "level" else "right")
     for entry in report["levels"]:
         words = entry["words"]
@@ -132,9 +134,14 @@ def evaluation_table(report: dict[str, Any]) -> Table:
             str(words["substitutions"]),
             str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
             f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
-            str(entry["utterances_skipped"]),
+            str(entry["utterances_skipped"]), *((str(entry.get("decodes_capped", 0)),) if bounded else ()),
         )
     return table
+
+
+def _bounded(report: dict[str, Any]) -> bool:
+    """Whether the report's decoding has a length bound (autoregressive models), so capped decodes are shown."""
+    return report.get("decoding", "greedy-ctc") != "greedy-ctc"
 
 
 def evaluation_markdown(report: dict[str, Any]) -> str:
@@ -156,6 +163,9 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
             f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
             f"{e['utterances_skipped']} |"
         )
+    if _bounded(report):
+        capped = ", ".join(f"{level_label(e['level'])}: {e.get('decodes_capped', 0)}" for e in report["levels"])
+        lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]
     if report.get("skipped"):
         lines += ["", f"Skipped {len(report['skipped'])} utterance(s):", ""]
         lines += [f"- `{s['id']}`: {s['reason']}" for s in report["skipped"]]

@@ -90,6 +90,9 @@ class HFCTCAdapter:
     feature_extractor: Any
     tokenizer: Any
     normalizer: str = "default"
+    decoding: str = "greedy-ctc"
+    capped_decodes: int = 0
+    """Always 0: greedy CTC decoding has no length bound to hit."""
     weight_norm: str | None = None
     family: str = FAMILY
     use_attention_mask: bool = field(init=False)
