@@ -39,7 +39,24 @@ def _none(text: str) -> str:
     return text.strip()
 
 
-NORMALIZERS: dict[str, Callable[[str], str]] = {"default": _default, "lower": _lower, "none": _none}
+_WHISPER: list[Callable[[str], str]] = []
+
+
+def _whisper(text: str) -> str:
+    """Whisper's English text normaliser (the Open ASR Leaderboard's), from transformers, with an empty spelling map
+    (faster-whisper/CTranslate2 models ship no ``normalizer.json``): numbers, contractions, titles, punctuation."""
+    if not _WHISPER:
+        try:
+            from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+        except ImportError as exc:
+            raise UsageError("--normalizer whisper needs the transformers package",
+                             'install the Hugging Face extra: pip install "dsnn-compress[hf]"') from exc
+        _WHISPER.append(EnglishTextNormalizer({}))
+    return _collapse(_WHISPER[0](text))
+
+
+NORMALIZERS: dict[str, Callable[[str], str]] = {"default": _default, "lower": _lower, "none": _none,
+                                                "whisper": _whisper}
 """Transcript normalisers by name (the ``--normalizer`` choices)."""
 
 
