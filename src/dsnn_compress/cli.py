@@ -179,6 +179,8 @@ def evaluate(
                     ] = None,
     plot_with: Annotated[list[Path] | None, typer.Option("--plot-with", help="Earlier report JSON to draw on the "
                                                                              "same plot (repeatable).")] = None,
+    audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each, "
+                                                                      "500 = 10 s) instead of the model's.")] = None,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import check_report_path
@@ -200,7 +202,7 @@ def evaluate(
             bar.update(task, description=stage, completed=done, total=total)
 
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
-                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [])
+                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx)
     if json_path is not None:
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:
@@ -224,12 +226,14 @@ def transcribe(
     audio: Annotated[list[Path], typer.Argument(metavar="AUDIO...", help="Audio files (WAV/FLAC/OGG).")],
     level: Annotated[str, typer.Option("--level", help="Sparsity level to run at (0 = dense).")] = "0",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
+    audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each) "
+                                                                      "instead of the model's.")] = None,
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
     from .evaluation.transcribe import transcribe as run_transcribe
     from .report.tables import to_json
 
-    results = run_transcribe(model, audio, level)
+    results = run_transcribe(model, audio, level, audio_ctx)
     if json_out:
         print(to_json(results))  # plain print: rich would wrap long lines inside JSON strings
         return

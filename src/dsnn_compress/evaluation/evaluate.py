@@ -51,6 +51,7 @@ def evaluate(
     on_progress: Callable[[str, int, int], None] | None = None,
     max_wer: Sequence[str] = (),
     max_wer_increase: Sequence[str] = (),
+    audio_ctx: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
 
@@ -67,7 +68,7 @@ def evaluate(
         parse_gate(spec, "--max-wer")
     for spec in max_wer_increase:
         parse_gate(spec, "--max-wer-increase")
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, audio_ctx)
     chosen = select_levels(loaded, levels)
     norm = normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name

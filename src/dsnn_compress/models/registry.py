@@ -99,6 +99,8 @@ register_family(CONFORMER_CTC.name, CONFORMER_CTC)
 register_family(LSTM_CTC.name, LSTM_CTC)
 # hf-ctc (Hugging Face Wav2Vec2ForCTC & co.): imported on first lookup; it needs the optional transformers
 register_lazy_family("hf-ctc", "dsnn_compress.models.hf_ctc")
+# whisper (Hugging Face WhisperForConditionalGeneration, faster-whisper directories): the same, lazily
+register_lazy_family("whisper", "dsnn_compress.models.whisper")
 
 
 def new_adapter(
@@ -183,3 +185,4 @@ def describe_directory(text_files: Mapping[str, str], tensor_names: list[str]) -
 
 # hf-ctc (Hugging Face Wav2Vec2ForCTC & co.): its directory describer needs no transformers
 register_directory_describer("hf-ctc", "dsnn_compress.models.hf_ctc", "hf_metadata_from_files")
+register_directory_describer("whisper", "dsnn_compress.models.whisper.metadata", "whisper_metadata_from_files")

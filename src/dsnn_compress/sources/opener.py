@@ -32,7 +32,7 @@ from ..core.bundle import FORMAT_NAME as BUNDLE_FORMAT
 from ..core.bundle import Bundle, load_bundle
 from ..core.levels import Levels
 from ..core.safetensors_io import read_safetensors, read_safetensors_metadata
-from ..errors import DsnnError
+from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from ..models.registry import adapter_from_metadata, describe_directory
 from .checkpoint import CHECKPOINT_FORMAT, MODEL_METADATA_KEY, check_checkpoint_metadata
@@ -101,15 +101,22 @@ class Source:
         ``physical`` the :attr:`container` (what ``dsnn prune`` records for the dense checkpoint)."""
         return {"file": self.path.name, "sha256": self.sha256, "kind": self.container if physical else self.kind}
 
-    def adapter(self, normalizer: str | None = None, purpose: str = "run") -> ModelAdapter:
+    def adapter(self, normalizer: str | None = None, purpose: str = "run", audio_ctx: int | None = None
+                ) -> ModelAdapter:
         """The runnable model with this source's weights loaded (eval mode); DsnnError when the input has no model
-        description. ``normalizer`` replaces the description's text normaliser; ``purpose`` words the error."""
+        description. ``normalizer`` replaces the description's text normaliser, ``audio_ctx`` a Whisper model's
+        encoder context (UsageError for other families); ``purpose`` words the error."""
         if self.model_meta is None:
             raise DsnnError(f"{self.path} carries no model description, so it cannot be {_PURPOSES[purpose]}",
                             _NO_MODEL_HINT[self.kind] if self.kind in _NO_MODEL_HINT else _NO_MODEL_HINT["*"])
         meta = dict(self.model_meta)
         if normalizer is not None:
             meta["normalizer"] = normalizer
+        if audio_ctx is not None:
+            if "audio_ctx" not in meta:
+                raise UsageError(f"audio_ctx applies to Whisper models, but {self.path} holds a "
+                                 f"{meta.get('family')} model", "leave audio_ctx unset")
+            meta["audio_ctx"] = audio_ctx
         adapter = adapter_from_metadata(meta, self.tensors)
         adapter.model.eval()
         return adapter

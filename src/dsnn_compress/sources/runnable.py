@@ -50,17 +50,20 @@ class LoadedModel:
         return total - self.sparsity.pruned_count()
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode."""
-    return runnable_model(open_source(path, role="model"))
+def load_model(path: str | Path, audio_ctx: int | None = None) -> LoadedModel:
+    """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode.
+
+    ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries.
+    """
+    return runnable_model(open_source(path, role="model"), audio_ctx)
 
 
-def runnable_model(source: Source) -> LoadedModel:
+def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
     """The :class:`LoadedModel` of an opened source that describes a model (DsnnError otherwise)."""
     if source.kind not in ("dsnn-bundle", "dsnn-checkpoint"):
         raise DsnnError(f"{source.path} is not a .safetensors bundle or checkpoint",
                         "pass a file written by dsnn prune / finetune / export --format checkpoint")
-    adapter = source.adapter()
+    adapter = source.adapter(audio_ctx=audio_ctx)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")
     sparsity = DynamicSparsity(adapter.model, source.bundle.codes, source.bundle.levels)

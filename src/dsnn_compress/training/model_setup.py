@@ -56,7 +56,7 @@ def build_model(recipe: Recipe) -> ModelSetup:
     opened = open_source(init)
     # the directory families' descriptions carry the recipe's normaliser; a dsnn checkpoint keeps its own
     normalizer = recipe.model.normalizer if opened.kind == "hf-dir" else None
-    adapter = opened.adapter(normalizer, purpose="finetune")
+    adapter = opened.adapter(normalizer, purpose="finetune", audio_ctx=recipe.model.audio_ctx)
     if opened.bundle is None:
         codes = initial_codes(adapter, levels, recipe) if levels else {}
         return ModelSetup(adapter, codes, levels, opened.provenance())

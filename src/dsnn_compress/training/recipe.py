@@ -107,6 +107,7 @@ class ModelConfig(_Section):
     size: NonBlank = "s"
     config: JsonMapping = Field(default_factory=dict)
     normalizer: Annotated[str, OneOf(lambda: list(NORMALIZERS))] = "default"
+    audio_ctx: Int | None = Field(None, ge=1, le=1500)
 
 
 class SamplingConfig(_Section):
