@@ -60,9 +60,10 @@ def load_model(path: str | Path, audio_ctx: int | None = None) -> LoadedModel:
 
 def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
     """The :class:`LoadedModel` of an opened source that describes a model (DsnnError otherwise)."""
-    if source.kind not in ("dsnn-bundle", "dsnn-checkpoint"):
-        raise DsnnError(f"{source.path} is not a .safetensors bundle or checkpoint",
-                        "pass a file written by dsnn prune / finetune / export --format checkpoint")
+    if not source.runnable and source.kind not in ("dsnn-bundle", "dsnn-checkpoint"):
+        raise DsnnError(f"{source.path} is not a .safetensors bundle or checkpoint, nor a model directory dsnn can run",
+                        "pass a file written by dsnn prune / finetune / export --format checkpoint, or a supported "
+                        "Hugging Face / faster-whisper model directory")
     adapter = source.adapter(audio_ctx=audio_ctx)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")
