@@ -7,6 +7,7 @@ first that recognises the path wins:
 * ``dsnn-checkpoint``: a safetensors file carrying a dsnn model description (written by ``finetune``/``export``);
 * ``safetensors``: any other safetensors file (a plain state dict);
 * ``torch``: ``.pt/.pth/.bin/.ckpt``, loaded with ``torch.load(weights_only=True)``, common nesting unwrapped;
+* ``ct2-dir`` (plug-in :mod:`.ct2`): a faster-whisper / CTranslate2 Whisper directory (``model.bin``);
 * ``hf-dir``: a Hugging Face ``save_pretrained`` directory (``config.json`` plus weights); the model families'
   directory describers (``models.registry.describe_directory``) say whether it is a model dsnn can run.
 
@@ -19,6 +20,7 @@ levels of a bundle, and provenance.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +147,10 @@ class SourceReader:
 
 
 _READERS: list[SourceReader] = []
+READER_PLUGINS: tuple[str, ...] = ("dsnn_compress.sources.ct2",)
+"""Modules that register more readers when imported (on the first :func:`open_source` call, so they may import
+this module)."""
+_plugins_loaded: list[bool] = []
 
 
 def register_reader(reader: SourceReader, first: bool = True) -> None:
@@ -158,6 +164,10 @@ def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input"
     ``role`` names the input in messages (``checkpoint``, ``bundle``, ``model``). With ``allow_bundle=False``
     (inputs that must be dense, as for ``dsnn prune``) a DSNN bundle is refused before it is read.
     """
+    if not _plugins_loaded:
+        _plugins_loaded.append(True)
+        for module in READER_PLUGINS:
+            importlib.import_module(module)
     src = Path(path)
     if not src.exists():
         raise DsnnError(f"{role} {src} does not exist", _MISSING_HINT.get(role, "check the path"))
