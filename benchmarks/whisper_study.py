@@ -3,8 +3,9 @@
 Stages (each writes OUT/<stage>.json as soon as it finishes and is reused on the next run; ``--stages`` picks):
 
   zeroshot   dense test WER/CER with the default and the ``whisper`` normaliser, full 30 s vs ``--audio-ctx``
-  oneshot    one-shot magnitude pruning at 0.1 ... 0.9, per-layer and global (one nested bundle each)
-  parts      0.5 on the encoder only, the decoder only, decoder self-attention only, decoder FFN only
+  oneshot    one-shot magnitude pruning at 0.1 ... 0.9, per-layer and global (one nested bundle each; first 100
+             test utterances)
+  parts      0.5 on the encoder only, the decoder only, decoder self-attention only, decoder FFN only (first 100)
   dsnn       one joint fine-tune (all levels + in-place distillation) at --levels for --steps steps
   single     for each level (dense included), prune and fine-tune that level alone for --steps steps
   report     the tables (Markdown) and the bar check: DSNN within 3 % relative WER of single-level at every level
@@ -143,23 +144,6 @@ def main() -> int:
             "default": run_eval(dense, args, "0"), "whisper": run_eval(dense, args, "0", "whisper"),
             "full-30s-100": run_eval(dense, args, "0", audio_ctx=None, data=args.test100),
             "short-100": run_eval(dense, args, "0", data=args.test100)})
-    if "oneshot" in stages:
-        for allocation in ("per-layer", "global"):
-            def curve(allocation: str = allocation) -> dict[str, Any]:
-                bundle = args.out / "runs" / f"oneshot-{allocation}.safetensors"
-                start = time.perf_counter()
-                prune_checkpoint(args.model, list(CURVE), bundle, allocation=allocation)
-                seconds = time.perf_counter() - start
-                return {**run_eval(bundle, args), "prune_seconds": round(seconds, 1),
-                        "bundle_bytes": bundle.stat().st_size}
-            results[f"oneshot-{allocation}"] = cached(args.out, f"oneshot-{allocation}", curve)
-    if "parts" in stages:
-        for part, patterns in PARTS.items():
-            def only(patterns: list[str] = patterns, part: str = part) -> dict[str, Any]:
-                bundle = args.out / "runs" / f"part-{part}.safetensors"
-                prune_checkpoint(args.model, [0.5], bundle, include=patterns)
-                return run_eval(bundle, args, "0.5")
-            results[f"part-{part}"] = cached(args.out, f"part-{part}", only)
     if "dsnn" in stages:
         results["dsnn"] = cached(args.out, f"dsnn-{args.steps}", lambda: tuned(args, f"dsnn-{args.steps}", levels))
     if "single" in stages:
@@ -167,6 +151,23 @@ def main() -> int:
             name = f"single-{level:g}-{args.steps}"
             results[name] = cached(args.out, name, lambda level=level, name=name: tuned(
                 args, name, [level] if level else []))
+    if "oneshot" in stages:
+        for allocation in ("per-layer", "global"):
+            def curve(allocation: str = allocation) -> dict[str, Any]:
+                bundle = args.out / "runs" / f"oneshot-{allocation}.safetensors"
+                start = time.perf_counter()
+                prune_checkpoint(args.model, list(CURVE), bundle, allocation=allocation)
+                seconds = time.perf_counter() - start
+                return {**run_eval(bundle, args, data=args.test100), "prune_seconds": round(seconds, 1),
+                        "bundle_bytes": bundle.stat().st_size}
+            results[f"oneshot-{allocation}"] = cached(args.out, f"oneshot-{allocation}", curve)
+    if "parts" in stages:
+        for part, patterns in PARTS.items():
+            def only(patterns: list[str] = patterns, part: str = part) -> dict[str, Any]:
+                bundle = args.out / "runs" / f"part-{part}.safetensors"
+                prune_checkpoint(args.model, [0.5], bundle, include=patterns)
+                return run_eval(bundle, args, "0.5", data=args.test100)
+            results[f"part-{part}"] = cached(args.out, f"part-{part}", only)
     if "report" in stages:
         print(report_markdown(args, levels))
     return 0
@@ -197,13 +198,13 @@ def report_markdown(args: argparse.Namespace, levels: list[float]) -> str:
     for allocation in ("per-layer", "global"):
         curve = load(f"oneshot-{allocation}")
         if curve:
-            lines += [f"One-shot, {allocation} (WER % / capped decodes):", "",
+            lines += [f"One-shot, {allocation}, first 100 test utterances (WER % / capped decodes):", "",
                       "| " + " | ".join(f"{e['level']:g}" for e in curve["levels"]) + " |",
                       "|" + "---:|" * len(curve["levels"]),
                       "| " + " | ".join(f"{_pct(e['wer'])} / {e['capped']}" for e in curve["levels"]) + " |", ""]
     parts = {p: load(f"part-{p}") for p in PARTS}
     if any(parts.values()):
-        lines += ["| 0.5 on | WER % | CER % | capped |", "|---|---:|---:|---:|"]
+        lines += ["| 0.5 on (first 100 test utterances) | WER % | CER % | capped |", "|---|---:|---:|---:|"]
         for part, result in parts.items():
             if result:
                 e = result["levels"][0]
