@@ -100,6 +100,15 @@ def export_onnx(model: torch.nn.Module, output: Path, n_mels: int, opset: int = 
                                             "log_probs": {0: "batch", 1: "frames"}, "out_lengths": {0: "batch"}})
 
 
+def source_dtype(bundle: Bundle) -> torch.dtype | None:
+    """The floating-point dtype of the bundle's weights (the most common one), which directory exports keep."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in bundle.tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=lambda d: counts[d]) if counts else None
+
+
 def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> Path:
     """Write ``level`` of ``bundle`` to ``output`` in ``fmt`` (default: from the extension)."""
     out = Path(output)
@@ -120,7 +129,7 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra)
     elif fmt in DIRECTORY_FORMATS:
         adapter, family = _adapter_at(bundle, value, fmt)
-        getattr(family, f"save_{fmt}")(adapter, out, level=value)
+        getattr(family, f"save_{fmt}")(adapter, out, level=value, dtype=source_dtype(bundle))
     else:
         adapter, _ = _adapter_at(bundle, value, fmt)
         n_mels = int(adapter.metadata().get("features", {}).get("n_mels", 80))

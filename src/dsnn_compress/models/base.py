@@ -85,3 +85,17 @@ class AdapterRunner(nn.Module):
         if mode == "loss":
             return self.adapter.loss_and_log_probs(batch)
         return self.adapter.decode(batch)
+
+
+def weights_in(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU, contiguous, its floating-point tensors in ``dtype`` (None: as they are).
+
+    Exports write the source's dtype: an fp16 checkpoint's levels stay fp16 although the live model computes in fp32.
+    """
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[name] = tensor.contiguous()
+    return out

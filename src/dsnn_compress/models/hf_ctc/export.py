@@ -12,12 +12,16 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ...atomic import atomic_directory
+from ..base import weights_in
 from .adapter import HFCTCAdapter
 from .metadata import FAMILY, FEATURE_EXTRACTOR_FILES, TOKENIZER_FILES, import_transformers, write_files
 
 
-def save_hf_directory(adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
+def save_hf_directory(adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None,
+                      dtype: torch.dtype | None = None) -> Path:
     """Write ``adapter`` as a complete ``save_pretrained`` directory, atomically.
 
     The directory is built beside ``output`` and renamed into place; an existing ``output`` (file or directory) is
@@ -29,7 +33,7 @@ def save_hf_directory(adapter: HFCTCAdapter, output: str | os.PathLike, level: f
     hf_logging = import_transformers().utils.logging
     bars = hf_logging.is_progress_bar_enabled()
     with atomic_directory(out) as tmp:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.model.state_dict().items()}
+        state = weights_in(adapter.model.state_dict(), dtype)
         hf_logging.disable_progress_bar()  # our CLI shows its own progress
         try:
             adapter.model.save_pretrained(str(tmp), state_dict=state)

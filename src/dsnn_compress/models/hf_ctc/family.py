@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...data.text import get_normalizer
@@ -161,9 +162,10 @@ class HFCTCFamily:
                             f"extractor's {adapter.sample_rate}", BAD_META_HINT)
         return adapter
 
-    def save_hf(self, adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
+    def save_hf(self, adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None,
+                dtype: torch.dtype | None = None) -> Path:
         """``dsnn export --format hf``: ``adapter`` as a ``save_pretrained`` directory (:func:`save_hf_directory`)."""
-        return save_hf_directory(adapter, output, level)
+        return save_hf_directory(adapter, output, level, dtype)
 
 
 HF_CTC = HFCTCFamily()

@@ -14,8 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ...atomic import atomic_directory
 from ...core.safetensors_io import write_safetensors
+from ..base import weights_in
 from .adapter import WhisperAdapter
 from .metadata import FAMILY, TOKENIZER_FILES
 
@@ -39,12 +42,13 @@ def _export_record(level: float | None) -> dict[str, Any]:
     return {"level": level, "family": FAMILY}
 
 
-def save_hf_directory(adapter: WhisperAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
+def save_hf_directory(adapter: WhisperAdapter, output: str | os.PathLike, level: float | None = None,
+                      dtype: torch.dtype | None = None) -> Path:
     """Write ``adapter`` as a complete ``save_pretrained`` directory that ``from_pretrained`` loads."""
     out = Path(output)
     files = adapter.hf_files
     with atomic_directory(out) as tmp:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.model.state_dict().items()}
+        state = weights_in(adapter.model.state_dict(), dtype)
         write_safetensors(tmp / "model.safetensors", state, {"format": "pt"})
         _write(tmp, "config.json", files["config.json"])
         _write(tmp, "generation_config.json", files.get("generation_config.json")
@@ -63,13 +67,14 @@ def save_hf_directory(adapter: WhisperAdapter, output: str | os.PathLike, level:
     return out
 
 
-def save_ct2_directory(adapter: WhisperAdapter, output: str | os.PathLike, level: float | None = None) -> Path:
+def save_ct2_directory(adapter: WhisperAdapter, output: str | os.PathLike, level: float | None = None,
+                       dtype: torch.dtype | None = None) -> Path:
     """Write ``adapter`` as a faster-whisper (CTranslate2) model directory."""
     from .ct2 import write_ct2_directory
 
     out = Path(output)
     with atomic_directory(out) as tmp:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.model.state_dict().items()}
+        state = weights_in(adapter.model.state_dict(), dtype)
         write_ct2_directory(tmp, state, adapter.hf_files)
         if level is not None:
             _write(tmp, "dsnn_export.json", json.dumps(_export_record(level), indent=2))

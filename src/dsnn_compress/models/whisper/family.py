@@ -138,18 +138,18 @@ class WhisperFamily:
         return build_adapter(files, normalizer, meta.get("audio_ctx"))
 
     @staticmethod
-    def save_hf(adapter: WhisperAdapter, output: Any, level: float | None = None) -> Path:
+    def save_hf(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
         """``dsnn export --format hf``: a complete ``save_pretrained`` directory."""
         from .export import save_hf_directory
 
-        return save_hf_directory(adapter, output, level)
+        return save_hf_directory(adapter, output, level, dtype)
 
     @staticmethod
-    def save_ct2(adapter: WhisperAdapter, output: Any, level: float | None = None) -> Path:
+    def save_ct2(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
         """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory."""
         from .export import save_ct2_directory
 
-        return save_ct2_directory(adapter, output, level)
+        return save_ct2_directory(adapter, output, level, dtype)
 
 
 WHISPER = WhisperFamily()
