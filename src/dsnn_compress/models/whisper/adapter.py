@@ -219,12 +219,15 @@ class WhisperAdapter:
         with torch.no_grad(), quiet_transformers():
             out = self.model.generate(input_features=self.features(batch), max_new_tokens=min(room, max(bounds)),
                                       **self.generate_kwargs())
+        # transformers' Whisper generate drops each row's end token and pads the rows (pad_token_id, usually the end
+        # token), so a row ends at its first end or pad token; a row that filled its own bound is capped (as if it
+        # had been decoded alone with max_new_tokens=bound), whatever longer rows in the batch let generate go on
+        stops = {self.eot, self.generation_config.pad_token_id} - {None}
         texts = []
         for row, bound in zip(out.tolist(), bounds, strict=True):
             new = row[len(self.prompt):] if row[: len(self.prompt)] == self.prompt else row
-            ended = self.eot in new
-            tokens = new[: new.index(self.eot)] if ended else new
-            if not ended or len(tokens) > bound:
+            tokens = next((new[:i] for i, token in enumerate(new) if token in stops), new)
+            if len(tokens) >= bound:
                 self.capped_decodes += 1
                 tokens = tokens[:bound]
             texts.append(str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip())
