@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import Any
 
@@ -10,6 +11,13 @@ from rich.table import Table
 
 from ..console import err
 from ..core.levels import Levels
+
+
+def _rate(steps_per_s: float) -> str:
+    """A training speed as people read it: steps/s when fast, s/step when slower than one step a second."""
+    if steps_per_s <= 0:
+        return "- steps/s"
+    return f"{steps_per_s:.2f} steps/s" if steps_per_s >= 1 else f"{1 / steps_per_s:.1f} s/step"
 
 
 def _losses(losses: dict[str, float]) -> str:
@@ -28,6 +36,7 @@ class TrainingDisplay:
         )
         self.task: Any = None
         self.rate = 0.0
+        self._since: tuple[int, float] | None = None
 
     def __enter__(self) -> TrainingDisplay:
         self.progress.__enter__()
@@ -36,6 +45,15 @@ class TrainingDisplay:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.progress.__exit__(exc_type, exc, tb)
+
+    def _measure(self, step: int) -> float:
+        """Steps per second since the first step this display saw (every tick counts, not only logged steps)."""
+        now = time.perf_counter()
+        if self._since is None:
+            self._since = (step, now)
+            return self.rate
+        first, start = self._since
+        return (step - first) / max(now - start, 1e-9) if step > first else self.rate
 
     def report(self, event: str, data: dict[str, Any]) -> None:
         """Handle one event from the training loop."""
@@ -46,13 +64,12 @@ class TrainingDisplay:
             err.print(f"training {data['params']:,} parameters on {data['device']} (world {data['world']}), "
                       f"levels {levels}, {data['steps']} steps ({data['per_epoch']} per epoch); log: {data['log']}")
         elif event in ("tick", "step"):
-            if event == "step":
-                self.rate = data["steps_per_s"]
-            info = f"{_losses(data['loss'])} lr={data['lr']:.2e} {self.rate:.2f} steps/s"
+            self.rate = self._measure(data["step"])
+            info = f"{_losses(data['loss'])} lr={data['lr']:.2e} {_rate(self.rate)}"
             self.progress.update(self.task, completed=data["step"], info=info)
             if event == "step" and not self.interactive:
                 err.print(f"step {data['step']}: loss {_losses(data['loss'])} lr {data['lr']:.2e} "
-                          f"{self.rate:.2f} steps/s", highlight=False)
+                          f"{_rate(data['steps_per_s'])}", highlight=False)
         elif event == "eval":
             table = Table(title=f"dev WER at step {data['step']}", title_justify="left")
             for key in data["dev_wer"]:
