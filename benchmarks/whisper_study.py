@@ -76,14 +76,20 @@ def run_eval(model: Path, args: argparse.Namespace, levels: str = "all", normali
             "utterances": report["levels"][0]["utterances_scored"]}
 
 
-def recipe(args: argparse.Namespace, init: Path, output: Path, levels: list[float]) -> Any:
+def recipe(args: argparse.Namespace, init: Path, output: Path, levels: list[float], single: bool = False) -> Any:
+    """The fine-tune: every level each step with in-place distillation, or (``single``) the one sparse level alone
+    (the dense level gets loss weight 0, no distillation), as the conformer quality study's variant (b)."""
+    joint = bool(levels) and not single
+    sampling: dict[str, Any] = {"mode": "all"}
+    if single and levels:
+        sampling["loss_weights"] = [0.0, 1.0]
     return recipe_from_dict({
         "data": {"train": str(args.train), "batch_frames": 10_000_000, "max_batch_size": args.batch,
                  "spec_augment": False, "skip_bad": True},
         "model": {"init": str(init), "audio_ctx": args.audio_ctx},
         "levels": levels or [],
-        "sampling": {"mode": "all"},
-        "distillation": {"enabled": bool(levels) and not args.no_distill},
+        "sampling": sampling,
+        "distillation": {"enabled": joint and not args.no_distill},
         "optimizer": {"lr": args.lr, "weight_decay": 0.0},
         "lr_schedule": {"warmup_steps": max(1, args.steps // 10), "decay": "cosine", "min_lr_ratio": 0.1},
         "training": {"steps": args.steps, "seed": 0, "device": "cpu", "log_every": 10, "keep": "last",
@@ -92,7 +98,7 @@ def recipe(args: argparse.Namespace, init: Path, output: Path, levels: list[floa
     }, base_dir=Path.cwd())
 
 
-def tuned(args: argparse.Namespace, name: str, levels: list[float]) -> dict[str, Any]:
+def tuned(args: argparse.Namespace, name: str, levels: list[float], single: bool = False) -> dict[str, Any]:
     work = args.out / "runs"
     work.mkdir(parents=True, exist_ok=True)
     pruned, output = work / f"{name}-pruned.safetensors", work / f"{name}.safetensors"
@@ -100,7 +106,7 @@ def tuned(args: argparse.Namespace, name: str, levels: list[float]) -> dict[str,
     if levels:
         prune_checkpoint(args.model, levels, pruned)
     prune_seconds = time.perf_counter() - start
-    result = finetune(recipe(args, pruned if levels else args.model, output, levels), force=True)
+    result = finetune(recipe(args, pruned if levels else args.model, output, levels, single), force=True)
     report = run_eval(output, args)
     return {"levels": report["levels"], "train_seconds": round(result.seconds, 1),
             "forward_passes": result.forward_passes, "prune_seconds": round(prune_seconds, 1),
@@ -150,7 +156,7 @@ def main() -> int:
         for level in (0.0, *levels):
             name = f"single-{level:g}-{args.steps}"
             results[name] = cached(args.out, name, lambda level=level, name=name: tuned(
-                args, name, [level] if level else []))
+                args, name, [level] if level else [], single=True))
     if "oneshot" in stages:
         for allocation in ("per-layer", "global"):
             def curve(allocation: str = allocation) -> dict[str, Any]:
