@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import DEFAULT_PRUNED, random_state_dict, write_checkpoint
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dsnn_compress.core.bundle import Bundle, load_bundle, save_bundle
 from dsnn_compress.core.levels import parse_level
@@ -66,7 +66,8 @@ def test_round_trip_is_bit_identical(source_path: Path, bundle_path: Path) -> No
 
 def test_save_load_of_hand_made_bundle_keeps_codes_and_metadata(tmp_path: Path) -> None:
     tensors = {"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "steps": torch.tensor([5])}
-    codes = {"a.weight": torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [7, 6, 5, 4]], dtype=torch.uint8)}
+    # global allocation over 12 weights prunes round(s * 12) = 1, 2, 4, 5, 6, 7, 8 weights at 0.1 ... 0.7
+    codes = {"a.weight": torch.tensor([[0, 1, 2, 2], [3, 4, 5, 6], [7, 7, 7, 7]], dtype=torch.uint8)}
     levels = tuple(round(0.1 * i, 1) for i in range(1, 8))
     path = save_bundle(Bundle(tensors, codes, levels, {"allocation": "global", "custom": "x"}), tmp_path / "b.st")
     loaded = load_bundle(path)
@@ -344,3 +345,20 @@ def test_parse_level_values() -> None:
     assert parse_level("70%") == pytest.approx(0.7)
     assert parse_level("0.9") == 0.9
     assert parse_level(0.5) == 0.5
+
+
+def test_declared_levels_must_match_the_codes(tmp_path: Path) -> None:
+    """Metadata saying 0.5/0.7/0.8 over codes made for 0.5/0.7/0.9 is refused (it would evaluate 0.9 as "0.8")."""
+    weights = torch.randn(20, 10)
+    codes = compute_codes({"w": weights}, (0.5, 0.7, 0.9))
+    path = save_bundle(Bundle({"w": weights}, codes, (0.5, 0.7, 0.9)), tmp_path / "b.safetensors")
+    tensors, meta = load_file(str(path)), dict(safe_open(str(path), framework="pt").metadata())
+    meta["levels"] = json.dumps([0.5, 0.7, 0.8])
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(DsnnError, match="declares level 0.8 but its codes prune 90.00 %"):
+        load_bundle(tmp_path / "edited.safetensors")
+    meta["levels"] = json.dumps([0.5, 0.7, 0.9])
+    meta["pruned"] = json.dumps({"w": [1, 2]})
+    save_file(tensors, str(tmp_path / "listed.safetensors"), metadata=meta)
+    with pytest.raises(DsnnError, match="is not a JSON object"):
+        load_bundle(tmp_path / "listed.safetensors")

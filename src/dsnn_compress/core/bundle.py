@@ -17,7 +17,7 @@ import torch
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
 from .levels import Levels, validate_levels
-from .masks import code_bits, pack_codes, packed_size, pruned_per_level, unpack_codes
+from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_NAME = "dsnn-bundle"
@@ -158,6 +158,20 @@ def _parse_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
     return meta
 
 
+def _check_declared_levels(src: Path, levels: Sequence[float], counts: Mapping[str, list[int]],
+                           sizes: Mapping[str, int]) -> None:
+    """The codes must hold the sparsities the metadata declares: every tensor at each level (per-layer allocation)
+    or all pruned tensors together (global allocation) prune exactly ``round(level * size)`` weights."""
+    total = sum(sizes.values())
+    for k, level in enumerate(levels, start=1):
+        per_layer = all(counts[n][k] == pruned_count(level, sizes[n]) for n in counts)
+        overall = sum(counts[n][k] for n in counts) == pruned_count(level, total)
+        if not (per_layer or overall):
+            achieved = sum(counts[n][k] for n in counts) / max(total, 1)
+            raise DsnnError(f"{src}: the metadata declares level {level:g} but its codes prune {100 * achieved:.2f} % "
+                            "of the pruned tensors", "the bundle is corrupt (or was edited); re-create it")
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read and validate a bundle: format/version, levels, code bits, shapes, code ranges, recorded counts."""
     src = Path(path)
@@ -190,7 +204,10 @@ def load_bundle(path: str | Path) -> Bundle:
         raise DsnnError(f"{src}: bundle lists no pruned tensors", "the bundle is corrupt")
     tensors = {n: t for n, t in stored.items() if not n.endswith(CODE_SUFFIX)}
     codes: dict[str, torch.Tensor] = {}
+    counts: dict[str, list[int]] = {}
     for name, info in pruned.items():
+        if not isinstance(info, dict):
+            raise DsnnError(f"{src}: metadata of pruned tensor {name} is not a JSON object", "the bundle is corrupt")
         code_name = name + CODE_SUFFIX
         if name not in tensors or code_name not in stored:
             raise DsnnError(f"{src}: pruned tensor {name} or its codes are missing", "the bundle is corrupt")
@@ -205,9 +222,11 @@ def load_bundle(path: str | Path) -> Bundle:
             raise DsnnError(f"{src}: codes of {name} exceed {len(levels)} levels", "the bundle is corrupt")
         if not torch.equal(pack_codes(code, bits), packed):
             raise DsnnError(f"{src}: codes of {name} have stray padding bits", "the bundle is corrupt")
-        if pruned_per_level(code, len(levels)) != info.get("pruned"):
+        counts[name] = pruned_per_level(code, len(levels))
+        if counts[name] != info.get("pruned"):
             raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
         codes[name] = code
+    _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
