@@ -73,3 +73,13 @@ def test_demo_refuses_a_non_empty_directory(tiny_assets: Path, tmp_path: Path,
     (out / "keep.txt").write_text("mine")
     assert_usage_error(run_cli(capsys, "demo", "--out", out, "--steps", "1"), "not empty")
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args", [["--max-eval", "0"], ["--max-eval", "-49"], ["--out", "a-file"]])
+def test_demo_refuses_bad_options_before_any_work(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a directory")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_usage_error(run_cli(capsys, "demo", *args), "demo" if "--out" in args else "--max-eval")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing pruned, trained or written

@@ -54,7 +54,11 @@ def run_demo(
         raise DsnnError(f"the embedded demo model {model} is missing", "reinstall dsnn-compress")
     if steps < 1:
         raise UsageError("--steps must be at least 1")
+    if max_eval is not None and max_eval < 1:
+        raise UsageError(f"--max-eval must be at least 1, got {max_eval}", "leave it out to evaluate every utterance")
     out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"demo output {out} is a file, not a directory", "choose another --out")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise UsageError(f"demo directory {out} is not empty", "pass --force to replace it or choose --out")
