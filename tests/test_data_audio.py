@@ -123,3 +123,13 @@ def test_offset_beyond_end(tmp_path: Path) -> None:
 def test_directory_is_not_audio(tmp_path: Path) -> None:
     with pytest.raises(DsnnError, match="not a file"):
         load_audio(tmp_path, 16000)
+
+
+def test_zero_duration_names_the_manifest_not_the_file(tmp_path: Path) -> None:
+    """A manifest's ``duration: 0`` selects nothing from a healthy file: the message must say so."""
+    path = tmp_path / "ok.wav"
+    sf.write(path, np.full(1600, 0.1, dtype=np.float32), 16000)
+    with pytest.raises(DsnnError) as info:
+        load_audio(path, 16000, duration=0.0)
+    assert "duration 0s holds no samples" in info.value.one_line() and "is empty" not in info.value.one_line()
+    assert load_audio(path, 16000).shape == (1600,)

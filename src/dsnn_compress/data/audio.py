@@ -76,6 +76,9 @@ def load_audio(
         raise
     except _SOUNDFILE_ERRORS as exc:
         raise DsnnError(f"cannot read audio {p}: {_reason(exc)}", hint="is it a valid WAV/FLAC/OGG file?") from None
+    if data.shape[0] == 0 and frames == 0:
+        raise DsnnError(f"the segment of {p} selected by duration {duration:g}s holds no samples",
+                        hint="fix the manifest's duration (or leave it out to read the whole file)")
     if data.shape[0] == 0:
         raise DsnnError(f"audio {p} is empty (zero samples)", hint="remove it from the manifest")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
