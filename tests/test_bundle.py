@@ -362,3 +362,19 @@ def test_declared_levels_must_match_the_codes(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "listed.safetensors"), metadata=meta)
     with pytest.raises(DsnnError, match="is not a JSON object"):
         load_bundle(tmp_path / "listed.safetensors")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("source", "42", "'source' is not a JSON object"),
+    ("tool", "[1]", "'tool' is not a JSON object"),
+    ("code_suffix", ".codes", "code_suffix '.codes'"),
+])
+def test_metadata_of_the_wrong_type_is_refused(key: str, value: str, message: str, tmp_path: Path) -> None:
+    weights = torch.randn(8, 4)
+    bundle = Bundle({"w": weights}, compute_codes({"w": weights}, (0.5,)), (0.5,))
+    path = save_bundle(bundle, tmp_path / "b.safetensors")
+    tensors, meta = load_file(str(path)), dict(safe_open(str(path), framework="pt").metadata())
+    meta[key] = value
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(DsnnError, match=message):
+        load_bundle(tmp_path / "edited.safetensors")

@@ -23,7 +23,7 @@ from .safetensors_io import read_safetensors, write_safetensors
 FORMAT_NAME = "dsnn-bundle"
 FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
-_REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "pruned")
+_REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "code_suffix", "pruned", "sparsity", "tool")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
               "recipe", "evaluation", "training")
 
@@ -192,6 +192,12 @@ def load_bundle(path: str | Path) -> Bundle:
             "upgrade dsnn-compress or re-create the bundle",
         )
     meta = _parse_metadata(raw_meta, src)
+    if raw_meta["code_suffix"] != CODE_SUFFIX:
+        raise DsnnError(f"{src}: code_suffix {raw_meta['code_suffix']!r} is not {CODE_SUFFIX!r}",
+                        "the bundle is corrupt")
+    for key in ("source", "tool", "sparsity", "selection", "model"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise DsnnError(f"{src}: metadata {key!r} is not a JSON object", "the bundle is corrupt")
     try:
         levels = validate_levels([float(v) for v in meta["levels"]])
     except (TypeError, ValueError, UsageError) as exc:
