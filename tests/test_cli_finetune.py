@@ -151,3 +151,32 @@ def test_finetune_a_pruned_bundle_keeps_levels_and_codes(capsys: pytest.CaptureF
     code, stdout, err = run_cli(capsys, "evaluate", out, "--data", MANIFEST, "--json", "-")
     assert code == 0, err
     assert [entry["level"] for entry in json.loads(stdout)["levels"]] == [0.0, 0.5, 0.8]
+
+
+def test_fp16_source_stays_fp16_through_finetune_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The live model trains in fp32; the written bundle and its checkpoint exports keep the source's fp16."""
+    from safetensors import safe_open
+
+    texts = [normalize_text(u.text, "default") for u in read_manifest(MANIFEST)]
+    torch.manual_seed(0)
+    adapter = new_adapter("conformer-ctc", CharTokenizer.build(texts).vocabulary, "xs",
+                          {"d_model": 32, "num_layers": 1, "num_heads": 2, "conv_kernel": 3, "dropout": 0.0})
+    half = {name: torch.float16 for name, t in adapter.model.state_dict().items() if t.is_floating_point()}
+    save_checkpoint(adapter, tmp_path / "half.safetensors", dtypes=half)
+    assert main(["prune", str(tmp_path / "half.safetensors"), "--levels", "0.5,0.8", "-o", str(tmp_path / "b.st")]) == 0
+    code, _, err = run_cli(capsys, "finetune", tmp_path / "b.st", "--recipe", TINY, "-o", tmp_path / "ft.safetensors",
+                           *CPU)
+    assert code == 0, err
+    assert main(["export", str(tmp_path / "ft.safetensors"), "--level", "0.8", "--format", "checkpoint", "-o",
+                 str(tmp_path / "level.safetensors")]) == 0
+
+    def dtypes(path: Path) -> dict[str, torch.dtype]:
+        with safe_open(str(path), framework="pt") as fh:
+            return {n: fh.get_tensor(n).dtype for n in fh.keys() if not n.endswith(".dsnn_code")}  # noqa: SIM118
+
+    tuned = dtypes(tmp_path / "ft.safetensors")
+    assert {tuned[n] for n in half} == {torch.float16}
+    assert dtypes(tmp_path / "level.safetensors") == dtypes(tmp_path / "half.safetensors")
+    bundle = load_bundle(tmp_path / "ft.safetensors")
+    before = load_bundle(tmp_path / "b.st")
+    assert any(not torch.equal(bundle.tensors[n], before.tensors[n]) for n in bundle.codes)  # it did train

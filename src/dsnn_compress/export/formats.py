@@ -126,7 +126,8 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
     elif fmt == "checkpoint":
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
-        save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra)
+        save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra,
+                        {name: tensor.dtype for name, tensor in bundle.tensors.items()})
     elif fmt in DIRECTORY_FORMATS:
         adapter, family = _adapter_at(bundle, value, fmt)
         getattr(family, f"save_{fmt}")(adapter, out, level=value, dtype=source_dtype(bundle))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from ..core.safetensors_io import write_safetensors
 from ..errors import DsnnError
@@ -35,10 +38,26 @@ def check_checkpoint_metadata(path: Path, metadata: dict[str, str]) -> None:
                         f"{CHECKPOINT_FORMAT_VERSION}", "upgrade dsnn-compress")
 
 
+def in_dtypes(state: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """``state`` on the CPU, each floating-point tensor named in ``dtypes`` cast to its dtype there (the source's:
+    an fp16 checkpoint stays fp16 through fine-tuning and export although the live model computes in fp32)."""
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu")
+        wanted = (dtypes or {}).get(name)
+        if wanted is not None and tensor.is_floating_point() and wanted.is_floating_point and tensor.dtype != wanted:
+            tensor = tensor.to(wanted)
+        out[name] = tensor.contiguous()
+    return out
+
+
 def save_checkpoint(
-    adapter: ModelAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None
+    adapter: ModelAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
-    """Write ``adapter``'s model as a self-describing dsnn checkpoint, atomically."""
+    """Write ``adapter``'s model as a self-describing dsnn checkpoint, atomically (tensors in ``dtypes`` where
+    given, e.g. the source's)."""
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -50,7 +69,7 @@ def save_checkpoint(
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError(f"checkpoint metadata must map str to str (got {key!r}: {type(value).__name__})")
         metadata[key] = value
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter.model.state_dict().items()}
+    tensors = in_dtypes(adapter.model.state_dict(), dtypes)
     try:
         write_safetensors(path, tensors, metadata)
     except OSError as exc:

@@ -171,7 +171,7 @@ def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input"
     src = Path(path)
     if not src.exists():
         raise DsnnError(f"{role} {src} does not exist", _MISSING_HINT.get(role, "check the path"))
-    if (not allow_bundle and src.is_file() and src.suffix == ".safetensors"
+    if (not allow_bundle and _looks_like_safetensors(src)
             and read_safetensors_metadata(src).get("format") == BUNDLE_FORMAT):
         raise DsnnError(f"{src} is already a DSNN bundle",
                         "prune the dense checkpoint instead, or `dsnn export --level 0` it first")
@@ -232,8 +232,24 @@ def _read_hf(path: Path) -> Source:
     return Source(path, "hf-dir", tensors, hashed, meta, hf_files=hf_files)
 
 
-register_reader(SourceReader("safetensors", lambda p: p.is_file() and p.suffix == ".safetensors",
-                             _read_safetensors_file), first=False)
+def _looks_like_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or (any other name that no reader claims) a safetensors header: a little-endian
+    u64 header length that fits the file, followed by a JSON object."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        return True
+    if path.suffix in TORCH_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:] == b"{"
+
+
+register_reader(SourceReader("safetensors", _looks_like_safetensors, _read_safetensors_file), first=False)
 register_reader(SourceReader("torch", lambda p: p.is_file() and p.suffix in TORCH_SUFFIXES, _read_torch), first=False)
 register_reader(SourceReader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _read_hf),
                 first=False)

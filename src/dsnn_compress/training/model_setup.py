@@ -31,6 +31,8 @@ class ModelSetup:
     levels: tuple[float, ...]
     source: dict[str, Any]
     base_metadata: dict[str, Any] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    """The source's dtype per tensor: the written bundle keeps them (the live model trains in fp32)."""
 
 
 def build_model(recipe: Recipe) -> ModelSetup:
@@ -59,7 +61,7 @@ def build_model(recipe: Recipe) -> ModelSetup:
     adapter = opened.adapter(normalizer, purpose="finetune", audio_ctx=recipe.model.audio_ctx)
     if opened.bundle is None:
         codes = initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, opened.provenance())
+        return ModelSetup(adapter, codes, levels, opened.provenance(), dtypes=_dtypes(opened.tensors))
     bundle = opened.bundle
     if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
         raise UsageError(
@@ -67,10 +69,15 @@ def build_model(recipe: Recipe) -> ModelSetup:
             "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
         )
     base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
-    setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base)
+    setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base,
+                       dtypes=_dtypes(opened.tensors))
     if recipe.schedule.enabled:
         setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0)
     return setup
+
+
+def _dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    return {name: tensor.dtype for name, tensor in tensors.items()}
 
 
 def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ class RunOutput:
 
         ``training`` is the run's record (steps, final loss, dev WER, ...) stored in the file's metadata.
         """
-        from ..sources.checkpoint import save_checkpoint
+        from ..sources.checkpoint import in_dtypes, save_checkpoint
 
         recipe = self.recipe
 
@@ -81,9 +81,9 @@ class RunOutput:
             extra = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                      "training": json.dumps(training, sort_keys=True),
                      "tool": json.dumps(tool_metadata())}
-            save_checkpoint(setup.adapter, self.path, extra)
+            save_checkpoint(setup.adapter, self.path, extra, setup.dtypes)
             return
-        tensors = {k: v.detach().cpu() for k, v in setup.adapter.model.state_dict().items()}
+        tensors = in_dtypes(setup.adapter.model.state_dict(), setup.dtypes)
         metadata = {
             **setup.base_metadata,
             "allocation": setup.base_metadata.get("allocation", recipe.allocation),
