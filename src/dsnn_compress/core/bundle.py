@@ -158,6 +158,18 @@ def _parse_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
     return meta
 
 
+def _mid_schedule(meta: Mapping[str, Any]) -> bool:
+    """True for a checkpoint written while a gradual schedule was still ramping the sparsities up to the declared
+    levels (its recipe enables the schedule and its training record stops at or before ``end_step``)."""
+    recipe, training = meta.get("recipe"), meta.get("training")
+    if not isinstance(recipe, dict) or not isinstance(training, dict):
+        return False
+    schedule = recipe.get("schedule")
+    steps = training.get("steps")
+    return (isinstance(schedule, dict) and bool(schedule.get("enabled")) and isinstance(steps, int)
+            and isinstance(schedule.get("end_step"), int) and steps <= schedule["end_step"])
+
+
 def _check_declared_levels(src: Path, levels: Sequence[float], counts: Mapping[str, list[int]],
                            sizes: Mapping[str, int]) -> None:
     """The codes must hold the sparsities the metadata declares: every tensor at each level (per-layer allocation)
@@ -232,7 +244,8 @@ def load_bundle(path: str | Path) -> Bundle:
         if counts[name] != info.get("pruned"):
             raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
         codes[name] = code
-    _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
+    if not _mid_schedule(meta):
+        _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
