@@ -295,3 +295,35 @@ def test_pruned_level_exported_to_faster_whisper(tmp_path: Path, capsys: pytest.
         fw_features = torch.from_numpy(pad_or_trim(mel[:, : mel.shape[-1] - 1]))[None].float()
         assert text and text == adapter.tokenizer.decode(hf_ids(adapter, fw_features)[0],
                                                          skip_special_tokens=True).strip()
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_pruned_level_of_the_real_model_equals_its_hugging_face_export(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Level 0.3 of tiny.en: dsnn's transcripts equal transformers' ``generate`` on ``export --format hf``."""
+    import json as json_module
+
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from dsnn_compress.models.whisper.adapter import token_bound
+
+    bundle, out = tmp_path / "b.safetensors", tmp_path / "hf-0.3"
+    assert run_cli(capsys, "prune", WHEEL, "--levels", "0.3", "-o", bundle).code == 0
+    assert run_cli(capsys, "export", bundle, "--level", "0.3", "--format", "hf", "-o", out).code == 0
+    files = [str(DATA / "audio" / name) for name in CLIPS]
+    code, stdout, err = run_cli(capsys, "transcribe", bundle, *files, "--level", "0.3", "--json")
+    assert code == 0, err
+    ours = [item["text"] for item in json_module.loads(stdout)]
+    model = WhisperForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()  # as dsnn runs it
+    processor = WhisperProcessor.from_pretrained(str(out))
+    assert {p.name for p in out.iterdir()} >= {"vocab.json", "merges.txt", "generation_config.json"}
+    theirs = []
+    for wave in clips():
+        features = processor(wave, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            ids = model.generate(features, max_new_tokens=token_bound(len(wave) / 16000), return_timestamps=False)
+        theirs.append(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
+    assert ours == theirs and any(ours)
+    dense = json_module.loads(run_cli(capsys, "transcribe", bundle, *files, "--json").out)
+    assert [item["text"] for item in dense] != ours  # the level really differs from dense on these clips
