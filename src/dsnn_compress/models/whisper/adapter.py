@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,7 @@ class WhisperAdapter:
     decoding: str = "greedy-seq2seq"
     capped_decodes: int = 0
     """Decodes cut at the token bound since the counter was last reset (evaluation reports it per level)."""
+    _features: tuple[tuple[torch.Tensor, int], torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def sample_rate(self) -> int:
@@ -164,11 +165,19 @@ class WhisperAdapter:
         return ids
 
     def features(self, batch: Batch) -> torch.Tensor:
-        """Log-mel features ``[B, n_mels, 2 * positions]`` of the batch's waveforms (each at its true length)."""
+        """Log-mel features ``[B, n_mels, 2 * positions]`` of the batch's waveforms (each at its true length).
+
+        A training step runs the same batch at every level: the features of the last batch are kept and reused.
+        """
+        key = (batch.inputs, self.context_samples)
+        if self._features is not None and self._features[0][0] is key[0] and self._features[0][1] == key[1]:
+            return self._features[1]
         waves = [batch.inputs[i, : int(batch.input_lengths[i])].cpu().numpy() for i in range(len(batch))]
         feats = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="np",
                                        padding="max_length", max_length=self.context_samples)["input_features"]
-        return torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(self._device())
+        out = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(self._device())
+        self._features = (key, out)
+        return out
 
     def _teacher_forcing(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder inputs (prompt + text, padded with the end token), labels (-100 on prompt and padding), lengths."""
