@@ -181,6 +181,9 @@ def evaluate(
                                                                              "same plot (repeatable).")] = None,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each, "
                                                                       "500 = 10 s) instead of the model's.")] = None,
+    kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
+                                                           "levels (sparse: CSR weights; auto: the faster per layer, "
+                                                           "timed at load).")] = "dense",
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import check_report_path
@@ -202,7 +205,8 @@ def evaluate(
             bar.update(task, description=stage, completed=done, total=total)
 
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
-                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx)
+                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
+                              kernels=kernels)
     if json_path is not None:
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:
@@ -228,15 +232,22 @@ def transcribe(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each) "
                                                                       "instead of the model's.")] = None,
+    kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
+                                                           "levels (sparse: CSR weights; auto: the faster per layer, "
+                                                           "timed at load).")] = "dense",
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
     from .evaluation.transcribe import transcribe as run_transcribe
     from .report.tables import to_json
 
-    results = run_transcribe(model, audio, level, audio_ctx)
+    results = run_transcribe(model, audio, level, audio_ctx, kernels)
     if json_out:
         print(to_json(results))  # plain print: rich would wrap long lines inside JSON strings
         return
+    if results and "kernels" in results[0]:
+        info = results[0]["kernels"]
+        err.print(f"note: --kernels {info['mode']}: {info['sparse_layers']} layer(s) compute with sparse weights",
+                  highlight=False)
     for item in results:
         print(f"{item['file']}\t{item['text']}")
 

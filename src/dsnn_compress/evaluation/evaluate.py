@@ -52,6 +52,7 @@ def evaluate(
     max_wer: Sequence[str] = (),
     max_wer_increase: Sequence[str] = (),
     audio_ctx: int | None = None,
+    kernels: str = "dense",
 ) -> dict[str, Any]:
     """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
 
@@ -61,6 +62,10 @@ def evaluate(
     RTFx follows the Open ASR Leaderboard: audio seconds / processing seconds, where processing covers feature
     extraction, the forward pass and decoding (audio is read from disk once beforehand), after one untimed
     warm-up batch.
+
+    ``kernels`` (``dense`` | ``sparse`` | ``auto``, :mod:`~dsnn_compress.core.kernels`): how pruned layers compute at
+    sparse levels; ``auto`` times dense against CSR per layer on the shapes of the first batch, before the timed
+    passes. Each level's entry says how many layers ran sparse.
     """
     if batch_frames <= 0:
         raise UsageError("--batch-frames must be positive")
@@ -68,7 +73,7 @@ def evaluate(
         parse_gate(spec, "--max-wer")
     for spec in max_wer_increase:
         parse_gate(spec, "--max-wer-increase")
-    loaded = load_model(model_path, audio_ctx)
+    loaded = load_model(model_path, audio_ctx, kernels)  # checks --kernels before any data is read
     chosen = select_levels(loaded, levels)
     norm = normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name
@@ -90,6 +95,9 @@ def evaluate(
                         "evaluate on data with non-empty transcripts")
     batches = bucket_batches(data.seconds, batch_frames, shuffle=False, seed=0)
     first = batches[0]
+    if loaded.kernels is not None:  # auto times each layer on the input shapes of a real batch
+        loaded.use_kernels(kernels, lambda: transcribe_waveforms(loaded, [data.waveforms[i] for i in first],
+                                                                 [data.ids[i] for i in first]))
     loaded.set_level(chosen[0])
     transcribe_waveforms(loaded, [data.waveforms[i] for i in first], [data.ids[i] for i in first])  # warm-up
     total_steps = len(chosen) * len(batches)
@@ -126,6 +134,7 @@ def evaluate(
             "utterances_scored": len(data.ids),
             "utterances_skipped": len(data.skipped),
             "decodes_capped": loaded.adapter.capped_decodes,
+            "kernels": loaded.kernel_report(),
         })
         hypotheses[level] = hyps
     loaded.set_level(0.0)
@@ -137,6 +146,7 @@ def evaluate(
         "normalizer": norm,
         "decoding": loaded.adapter.decoding,
         "threads": torch.get_num_threads(),
+        "kernels": loaded.kernels.summary() if loaded.kernels else {"mode": "dense"},
         "levels": results,
         "skipped": data.skipped,
     }

@@ -124,8 +124,9 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"{model['path']} on {report['data']['path']} (normaliser: {report['normalizer']})",
                   title_justify="left")
     bounded = _bounded(report)
+    sparse = _sparse_kernels(report)
     columns = ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped")
-    for column in columns + (("capped",) if bounded else ()):
+    for column in columns + (("capped",) if bounded else ()) + (("sparse layers",) if sparse else ()):
         table.add_column(column, justify="left" if column == "level" else "right")
     for entry in report["levels"]:
         words = entry["words"]
@@ -135,8 +136,32 @@ def evaluation_table(report: dict[str, Any]) -> Table:
             str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
             f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
             str(entry["utterances_skipped"]), *((str(entry.get("decodes_capped", 0)),) if bounded else ()),
+            *((_sparse_count(report, entry),) if sparse else ()),
         )
+    if sparse:
+        table.caption = _kernels_caption(report)
     return table
+
+
+def _sparse_kernels(report: dict[str, Any]) -> bool:
+    """Whether the report ran with ``--kernels sparse`` or ``auto`` (then sparse layers are shown per level)."""
+    return report.get("kernels", {}).get("mode", "dense") != "dense"
+
+
+def _sparse_count(report: dict[str, Any], entry: dict[str, Any]) -> str:
+    """``sparse layers / layers with a sparse path`` of one level."""
+    return f"{entry['kernels']['sparse_layers']}/{report['kernels']['layers_with_sparse_path']}"
+
+
+def _kernels_caption(report: dict[str, Any]) -> str:
+    """One line on the kernels: mode, and which pruned layer types have no sparse path (they run dense)."""
+    kernels = report["kernels"]
+    text = f"kernels: {kernels['mode']}"
+    without = kernels.get("without_sparse_path") or {}
+    if without:
+        text += "; pruned layers without a sparse path (run dense): " + ", ".join(
+            f"{kind} x{count}" for kind, count in without.items())
+    return text
 
 
 def _bounded(report: dict[str, Any]) -> bool:
@@ -163,6 +188,9 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
             f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
             f"{e['utterances_skipped']} |"
         )
+    if _sparse_kernels(report):
+        counts = ", ".join(f"{level_label(e['level'])}: {_sparse_count(report, e)}" for e in report["levels"])
+        lines += ["", f"Layers computing with sparse weights ({_kernels_caption(report)}): {counts}."]
     if _bounded(report):
         capped = ", ".join(f"{level_label(e['level'])}: {e.get('decodes_capped', 0)}" for e in report["levels"])
         lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from ..core.bundle import Bundle
+from ..core.kernels import SparseKernels, parse_kernels
 from ..core.levels import Levels, parse_level
 from ..core.sparsity import DynamicSparsity
+from ..data.batch import pad_batch
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from .opener import Source, open_source
@@ -23,6 +30,8 @@ class LoadedModel:
     """``bundle`` or ``checkpoint``."""
     sparsity: DynamicSparsity | None = None
     bundle: Bundle | None = None
+    kernels: SparseKernels | None = None
+    """Sparse kernels of the pruned layers (:meth:`use_kernels`); None = dense kernels."""
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -37,10 +46,41 @@ class LoadedModel:
         """Switch to ``level`` (only ``0`` for a plain checkpoint)."""
         if self.sparsity is not None:
             self.sparsity.set_level(level)
+            if self.kernels is not None:  # the sparse weights depend on the level's mask: rebuilt on every switch
+                self.kernels.apply(self.sparsity.level)
             return
         if parse_level(level) != 0.0:
             raise UsageError(f"{self.path} is a dense checkpoint with no level {level}",
                              "evaluate a DSNN bundle to get sparse levels")
+
+    def use_kernels(self, mode: str, probe: Callable[[], Any] | None = None) -> None:
+        """Compute pruned layers with ``dense``, ``sparse`` (CSR) or ``auto`` (timed per layer) kernels.
+
+        ``probe`` runs the model once on typical input (``auto`` records each layer's input shapes from it, at the
+        first switch to a sparse level); without one, :func:`synthetic_probe` (5 s of quiet noise) is used. The
+        active level is re-applied. UsageError for ``sparse`` on a model with no pruned layer that has a sparse path.
+        """
+        mode = parse_kernels(mode)
+        if self.kernels is not None:
+            self.kernels.restore()
+            self.kernels = None
+        if mode == "dense":
+            return
+        if self.sparsity is None:
+            if mode == "sparse":
+                raise UsageError(f"--kernels sparse: {self.path} is a dense checkpoint with no pruned layers",
+                                 "use a DSNN bundle, or --kernels dense")
+            return
+        self.kernels = SparseKernels(self.adapter.model, list(self.bundle.codes) if self.bundle else [], mode,
+                                     f"this {self.adapter.family} model", probe or (lambda: synthetic_probe(self)))
+        self.kernels.apply(self.sparsity.level)
+
+    def kernel_report(self) -> dict[str, Any]:
+        """The kernels in use at the active level: mode, sparse layers (count and names), layers with a sparse path."""
+        if self.kernels is None:
+            return {"mode": "dense", "sparse_layers": 0, "layers": []}
+        names = self.kernels.sparse_layers()
+        return {"mode": self.kernels.mode, "sparse_layers": len(names), "layers": names}
 
     def nonzero_params(self) -> int:
         """Floating-point parameters of the model that are not pruned at the active level."""
@@ -50,12 +90,26 @@ class LoadedModel:
         return total - self.sparsity.pruned_count()
 
 
-def load_model(path: str | Path, audio_ctx: int | None = None) -> LoadedModel:
+def load_model(path: str | Path, audio_ctx: int | None = None, kernels: str = "dense",
+               probe: Callable[[], Any] | None = None) -> LoadedModel:
     """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode.
 
     ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries.
+    ``kernels`` (``dense`` | ``sparse`` | ``auto``) and ``probe``: see :meth:`LoadedModel.use_kernels`.
     """
-    return runnable_model(open_source(path, role="model"), audio_ctx)
+    mode = parse_kernels(kernels)
+    loaded = runnable_model(open_source(path, role="model"), audio_ctx)
+    loaded.use_kernels(mode, probe)
+    return loaded
+
+
+def synthetic_probe(loaded: LoadedModel, seconds: float = 5.0) -> None:
+    """Decode ``seconds`` of quiet seeded noise once (the input ``auto`` kernels time when given no real one)."""
+    adapter = loaded.adapter
+    wave = 0.01 * np.random.default_rng(0).standard_normal(int(seconds * adapter.sample_rate)).astype(np.float32)
+    batch = pad_batch([adapter.prepare(wave)], [[]], [""], ["probe"])
+    with torch.inference_mode():
+        adapter.decode(batch)
 
 
 def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
