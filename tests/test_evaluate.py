@@ -36,9 +36,9 @@ from dsnn_compress.models.builtin import BuiltinAdapter
 from dsnn_compress.prune import prune_checkpoint
 
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
-               "gates"}
+               "gates", "kernels"}
 LEVEL_KEYS = {"level", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds", "processing_seconds",
-              "rtfx", "utterances_scored", "utterances_skipped", "decodes_capped"}
+              "rtfx", "utterances_scored", "utterances_skipped", "decodes_capped", "kernels"}
 COUNT_KEYS = {"substitutions", "deletions", "insertions", "hits", "reference_length", "rate"}
 REFERENCES = [normalize_text(u.text) for u in read_manifest(MANIFEST)]
 IDS = [u.id for u in read_manifest(MANIFEST)]
