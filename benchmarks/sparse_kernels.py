@@ -277,6 +277,8 @@ def main() -> None:
         out.print(shapes_table(report["shapes"]))
         failed = [r for r in report["shapes"] if not r["passed"]]
         out.print(f"auto check: {len(report['shapes']) - len(failed)}/{len(report['shapes'])} shapes within the noise")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
     utterances = read_manifest(ASSETS / "eval.jsonl")[: args.utterances]
     report["models"] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,9 +288,9 @@ def main() -> None:
             rate = load_model(bundle).adapter.sample_rate
             waves = [load_audio(u.audio_path, rate) for u in utterances]
             report["models"] += run_model(name, bundle, waves, [u.id for u in utterances], args.repeats)
+            if args.json:  # after every model, so that a long run keeps what it measured
+                args.json.write_text(json.dumps(report, indent=2) + "\n")
     out.print(models_table(report["models"]))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
