@@ -16,7 +16,7 @@ import torch
 
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
-from .checksums import CHECKSUM_KEY, INTEGRITY_NONE
+from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
@@ -40,8 +40,9 @@ class Bundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     integrity: str = INTEGRITY_NONE
-    """What loading established about the file's checksums: ``verified``, ``not verified`` (``verify=False``) or
-    ``no checksums`` (a bundle written before they were recorded, or one made in memory)."""
+    """What loading established about the file's checksums: ``verified``, ``not verified`` (``verify=False``),
+    ``no checksums`` (a bundle written before they were recorded, or one made in memory) or ``recorded`` (just
+    saved, with the checksums of these tensors)."""
 
     @property
     def all_levels(self) -> tuple[float, ...]:
@@ -146,6 +147,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
         stored[name + CODE_SUFFIX] = pack_codes(code, bundle.bits)
     write_safetensors(out, stored, build_metadata(bundle))
     bundle.path = out
+    bundle.integrity = INTEGRITY_RECORDED
     return out
 
 

@@ -33,6 +33,8 @@ ALGORITHM = "xxh3-64"
 INTEGRITY_VERIFIED = "verified"
 INTEGRITY_SKIPPED = "not verified"
 INTEGRITY_NONE = "no checksums"
+INTEGRITY_RECORDED = "recorded"
+"""A bundle just written: its file carries the checksums of exactly these tensors."""
 
 
 def tensor_digest(dtype: str, shape: Sequence[int], data: Any) -> str:

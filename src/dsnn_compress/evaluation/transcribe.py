@@ -12,12 +12,13 @@ from .evaluate import transcribe_waveforms
 
 
 def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float | str = 0.0,
-               audio_ctx: int | None = None) -> list[dict[str, Any]]:
+               audio_ctx: int | None = None, verify: bool = True) -> list[dict[str, Any]]:
     """Greedy transcripts of ``audio`` files with the model at ``level``; ``[{"file", "level", "text"}]``.
 
-    ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms).
+    ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms); ``verify`` checks the model file's
+    checksums when it has them.
     """
-    loaded = load_model(model_path, audio_ctx)
+    loaded = load_model(model_path, audio_ctx, verify)
     loaded.set_level(level)
     active = loaded.sparsity.level if loaded.sparsity else 0.0
     waves = [load_audio(path, loaded.adapter.sample_rate) for path in audio]

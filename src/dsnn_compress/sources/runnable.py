@@ -50,12 +50,13 @@ class LoadedModel:
         return total - self.sparsity.pruned_count()
 
 
-def load_model(path: str | Path, audio_ctx: int | None = None) -> LoadedModel:
+def load_model(path: str | Path, audio_ctx: int | None = None, verify: bool = True) -> LoadedModel:
     """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode.
 
-    ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries.
+    ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries;
+    ``verify`` checks the file's checksums when it has them (DsnnError naming the damaged tensors).
     """
-    return runnable_model(open_source(path, role="model"), audio_ctx)
+    return runnable_model(open_source(path, role="model", verify=verify), audio_ctx)
 
 
 def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
