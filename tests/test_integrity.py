@@ -153,7 +153,8 @@ def test_several_damaged_tensors_are_all_named(bundle_path: Path, tmp_path: Path
         flip_byte(bad, name, 1)
     with pytest.raises(DsnnError) as info:
         load_bundle(bad)
-    assert "checksum mismatch in tensors enc.norm.weight, half.weight.dsnn_code, lstm.weight_hh_l0" in info.value.message
+    names = "enc.norm.weight, half.weight.dsnn_code, lstm.weight_hh_l0"
+    assert f"checksum mismatch in tensors {names}" in info.value.message
 
 
 def test_edited_metadata_is_refused_unless_unverified(bundle_path: Path, tmp_path: Path,
