@@ -15,6 +15,7 @@ import json
 import mmap
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str], Cal
     try:
         with open(path, "rb") as fh:
             buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        obj = torch.load(buffer, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(buffer, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found is None:
