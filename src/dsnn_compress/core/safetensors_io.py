@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import mmap
 import os
+import reprlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -155,6 +155,19 @@ def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0
 
 
+def _byte_size(entry: TensorEntry, limit: int) -> int:
+    """Bytes of ``entry``'s tensor, or ``-1`` as soon as it exceeds ``limit`` (a header of huge dimensions must not
+    make a huge integer product)."""
+    if 0 in entry.shape:
+        return 0
+    size = DTYPE_SIZES[entry.dtype]
+    for dim in entry.shape:
+        size *= dim
+        if size > limit:
+            return -1
+    return size
+
+
 def parse_header(head: bytes, file_size: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     """Metadata and tensor entries of a file of ``file_size`` bytes whose first bytes are ``head`` (at least
     ``8 + header length``); raises ``_Damaged`` for anything the safetensors rules reject."""
@@ -189,19 +202,19 @@ def parse_header(head: bytes, file_size: int) -> tuple[dict[str, str], dict[str,
             raise _Damaged(f"the entry of {name} is not a JSON object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise _Damaged(f"{name} has an unknown dtype {dtype!r}")
+            raise _Damaged(f"{name} has an unknown dtype {reprlib.repr(dtype)}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _Damaged(f"{name} has an invalid shape {shape!r}")
+            raise _Damaged(f"{name} has an invalid shape {reprlib.repr(shape)}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise _Damaged(f"{name} has invalid data_offsets {offsets!r}")
+            raise _Damaged(f"{name} has invalid data_offsets {reprlib.repr(offsets)}")
         entries[name] = TensorEntry(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     position = data_start
     for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
         if entry.start != position or entry.end < entry.start:
             raise _Damaged(f"the data of {name} does not start where the previous tensor ends")
-        if math.prod(entry.shape) * DTYPE_SIZES[entry.dtype] != entry.end - entry.start:
+        if _byte_size(entry, file_size) != entry.end - entry.start:
             raise _Damaged(f"{name}: {entry.end - entry.start} bytes do not hold a {entry.dtype} "
-                           f"tensor of shape {list(entry.shape)}")
+                           f"tensor of shape {reprlib.repr(list(entry.shape))}")
         position = entry.end
     if position != file_size:
         raise _Damaged(f"the tensors end at byte {position} but the file has {file_size}")
