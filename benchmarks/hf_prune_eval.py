@@ -6,7 +6,7 @@ parameters, 32-symbol character vocabulary), saves it with ``save_pretrained`` t
 ``Wav2Vec2CTCTokenizer`` and a ``Wav2Vec2FeatureExtractor`` in a temporary directory (nothing is downloaded), then
 measures, each in a fresh subprocess so that the peak RSS belongs to that measurement alone:
 
-* ``prune``: ``load_source`` (read the directory, sha256) + ``build_bundle`` (build the ``hf-ctc`` adapter from the
+* ``prune``: ``open_source`` (read the directory, sha256) + ``build_bundle`` (build the ``hf-ctc`` adapter from the
   config and load the weights strictly for the default prunable set, then rank once for every level) +
   ``save_bundle`` (pack codes, write, fsync);
 * ``evaluate``: ``evaluate(bundle, manifest, levels="all")`` - rebuild the model from the bundle, load and resample
@@ -91,14 +91,15 @@ def _peak_rss() -> int:
 def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str, Any]:
     from dsnn_compress.core.bundle import save_bundle
     from dsnn_compress.prune import build_bundle
-    from dsnn_compress.sources.files import load_source
+    from dsnn_compress.sources.opener import open_source
 
     start = time.perf_counter()
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC  # noqa: F401 - timed on its own (lazy modules)
 
     t_import = time.perf_counter() - start
     t0 = time.perf_counter()
-    source = load_source(model_dir)
+    source = open_source(model_dir)
+    _ = source.sha256  # what prune records (the old load_source hashed eagerly)
     t1 = time.perf_counter()
     result = build_bundle(source, levels)
     t2 = time.perf_counter()

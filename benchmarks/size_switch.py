@@ -40,12 +40,11 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.core.safetensors_io import write_safetensors
+from dsnn_compress.core.safetensors_io import read_safetensors, write_safetensors
 from dsnn_compress.core.sparsity import attach
 from dsnn_compress.demo import demo_assets
 from dsnn_compress.export.formats import export_levels
 from dsnn_compress.prune import prune_checkpoint
-from dsnn_compress.sources.files import read_safetensors
 from dsnn_compress.sources.runnable import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -236,9 +236,14 @@ CORRUPTIONS: dict[str, tuple[dict, str]] = {
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_load_rejects_corrupt_bundle(tmp_path: Path, bundle_path: Path, case: str) -> None:
+    """Each edit is caught twice: by its checksums, and (verify=False, or a bundle without checksums) by the
+    structural validation."""
     kwargs, fragment = CORRUPTIONS[case]
     bad = rewrite(bundle_path, tmp_path / "bad.safetensors", **kwargs)
     with pytest.raises(DsnnError, match=fragment) as info:
+        load_bundle(bad, verify=False)
+    assert info.value.exit_code == 1
+    with pytest.raises(DsnnError, match="is corrupt: (checksum mismatch|its metadata|it lacks|it holds)") as info:
         load_bundle(bad)
     assert info.value.exit_code == 1
 
@@ -250,7 +255,7 @@ def test_load_rejects_code_values_above_level_count(tmp_path: Path, source_path:
     assert int(load_bundle(good).codes["enc.ff.weight"].max()) == 2
     bad = rewrite(good, tmp_path / "bad.safetensors", tensors_fn=set_code("enc.ff.weight", 5, 3, 2))
     with pytest.raises(DsnnError, match="exceed 2 levels"):
-        load_bundle(bad)
+        load_bundle(bad, verify=False)
 
 
 def test_load_rejects_stray_padding_bits(tmp_path: Path, source_path: Path) -> None:
@@ -264,7 +269,7 @@ def test_load_rejects_stray_padding_bits(tmp_path: Path, source_path: Path) -> N
         t["w.weight.dsnn_code"] = code
 
     with pytest.raises(DsnnError, match="stray padding"):
-        load_bundle(rewrite(path, tmp_path / "bad.safetensors", tensors_fn=set_padding))
+        load_bundle(rewrite(path, tmp_path / "bad.safetensors", tensors_fn=set_padding), verify=False)
 
 
 def test_load_rejects_plain_checkpoint_and_missing_file(tmp_path: Path, source_path: Path) -> None:
@@ -356,12 +361,12 @@ def test_declared_levels_must_match_the_codes(tmp_path: Path) -> None:
     meta["levels"] = json.dumps([0.5, 0.7, 0.8])
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
     with pytest.raises(DsnnError, match="declares level 0.8 but its codes prune 90.00 %"):
-        load_bundle(tmp_path / "edited.safetensors")
+        load_bundle(tmp_path / "edited.safetensors", verify=False)
     meta["levels"] = json.dumps([0.5, 0.7, 0.9])
     meta["pruned"] = json.dumps({"w": [1, 2]})
     save_file(tensors, str(tmp_path / "listed.safetensors"), metadata=meta)
     with pytest.raises(DsnnError, match="is not a JSON object"):
-        load_bundle(tmp_path / "listed.safetensors")
+        load_bundle(tmp_path / "listed.safetensors", verify=False)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -377,4 +382,4 @@ def test_metadata_of_the_wrong_type_is_refused(key: str, value: str, message: st
     meta[key] = value
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
     with pytest.raises(DsnnError, match=message):
-        load_bundle(tmp_path / "edited.safetensors")
+        load_bundle(tmp_path / "edited.safetensors", verify=False)

@@ -56,6 +56,11 @@ def _command_line() -> list[str]:
     return ["dsnn", *[a for a in (sys.argv[1:] if _ARGS is None else _ARGS) if a != "--debug"]]
 
 
+VerifyOption = Annotated[bool, typer.Option(
+    "--verify/--no-verify", help="Check the input's checksums before using it (default); files without checksums "
+                                 "are read unverified.")]
+
+
 def _split_patterns(values: list[str] | None) -> list[str]:
     patterns: list[str] = []
     for value in values or []:
@@ -77,6 +82,7 @@ def prune(
                                                                         "(repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    verify: VerifyOption = True,
 ) -> None:
     """Rank weights once and write one bundle holding every nested sparsity level."""
     from .core.levels import parse_levels
@@ -97,7 +103,7 @@ def prune(
         bundle = prune_checkpoint(checkpoint, parse_levels(levels), output, allocation, _split_patterns(include),
                                   _split_patterns(exclude), command=_command_line(), force=force,
                                   on_progress=lambda done, total: bar.update(task, total=total, completed=done),
-                                  on_stage=on_stage, on_note=notes.append)
+                                  on_stage=on_stage, on_note=notes.append, verify=verify)
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
         print(to_json({k: v for k, v in report.items() if k != "tensors"}))
@@ -112,12 +118,14 @@ def inspect(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A DSNN bundle.")],
     layers: Annotated[bool, typer.Option("--layers", help="Also show every tensor.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    verify: VerifyOption = True,
 ) -> None:
-    """Show levels, achieved sparsity and what was pruned."""
+    """Show levels, achieved sparsity and what was pruned; check the bundle's checksums (exit 1 naming the damaged
+    tensors)."""
     from .report.tables import inspect_report, print_inspect, to_json
     from .sources.opener import open_source
 
-    bundle = open_source(bundle_path, role="bundle").require_bundle()
+    bundle = open_source(bundle_path, role="bundle", verify=verify).require_bundle()
     report = inspect_report(bundle, bundle_path.stat().st_size)
     if json_out:
         if not layers:
@@ -137,13 +145,14 @@ def export(
                                                                  "(default: from the extension; hf: a Hugging Face "
                                                                  "save_pretrained directory).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    verify: VerifyOption = True,
 ) -> None:
     """Write a level as a plain state dict, a self-describing checkpoint, ONNX or a Hugging Face directory."""
     from .export.formats import export_bundle
 
     with progress() as bar:
         bar.add_task("exporting", total=None, info=str(output))
-        written = export_bundle(bundle_path, level, output, fmt, force)
+        written = export_bundle(bundle_path, level, output, fmt, force, verify)
     for path in written:
         err.print(f"wrote {path}", highlight=False)
 
@@ -184,6 +193,7 @@ def evaluate(
     kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
                                                            "levels (sparse: CSR weights; auto: the faster per layer, "
                                                            "timed at load).")] = "dense",
+    verify: VerifyOption = True,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import check_report_path
@@ -206,7 +216,7 @@ def evaluate(
 
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
                               max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
-                              kernels=kernels)
+                              kernels=kernels, verify=verify)
     if json_path is not None:
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:
@@ -235,12 +245,13 @@ def transcribe(
     kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
                                                            "levels (sparse: CSR weights; auto: the faster per layer, "
                                                            "timed at load).")] = "dense",
+    verify: VerifyOption = True,
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
     from .evaluation.transcribe import transcribe as run_transcribe
     from .report.tables import to_json
 
-    results = run_transcribe(model, audio, level, audio_ctx, kernels)
+    results = run_transcribe(model, audio, level, audio_ctx, kernels, verify=verify)
     if json_out:
         print(to_json(results))  # plain print: rich would wrap long lines inside JSON strings
         return
@@ -272,6 +283,7 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the training state.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite output / discard a training state.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    verify: VerifyOption = True,
 ) -> None:
     """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
     from .report.tables import to_json
@@ -283,7 +295,7 @@ def finetune(
              "sampling": sampling, "seed": seed, "keep": keep}
     recipe = recipe_from_options(recipe_path, flags, set_values or [], levels)
     with TrainingDisplay(json_mode=json_out) as display:
-        result = run_finetune(recipe, resume=resume, force=force, report=display.report)
+        result = run_finetune(recipe, resume=resume, force=force, report=display.report, verify=verify)
     summary = finetune_summary(result)
     if summary is None:  # a non-zero rank of a torchrun job: rank 0 reports
         return

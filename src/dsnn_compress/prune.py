@@ -60,17 +60,19 @@ def prune_checkpoint(
     on_progress: Callable[[int, int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    verify: bool = True,
 ) -> Bundle:
     """Open the dense ``checkpoint``, build the bundle and write it atomically to ``output``.
 
     ``on_stage`` is told ``loading``, ``ranking`` and ``writing`` as the work proceeds; ``on_progress(done,
     total)`` counts ranked weights; ``on_note`` gets remarks for the user (ignored non-tensor entries). The output
-    path is checked before any work (an existing file is replaced only with ``force``).
+    path is checked before any work (an existing file is replaced only with ``force``). ``verify`` checks the
+    checksums of a checkpoint written by dsnn (an exported level) before it is pruned.
     """
     check_output_path(output, force)
     stage = on_stage or _ignore
     stage("loading")
-    source = open_source(checkpoint, allow_bundle=False, role="checkpoint")
+    source = open_source(checkpoint, allow_bundle=False, role="checkpoint", verify=verify)
     if source.skipped_entries:
         (on_note or _ignore)(f"ignored {len(source.skipped_entries)} non-tensor entries of the checkpoint")
     stage("ranking")

@@ -16,9 +16,10 @@ import torch
 
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
+from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
-from .safetensors_io import read_safetensors, write_safetensors
+from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
 
 FORMAT_NAME = "dsnn-bundle"
 FORMAT_VERSION = "1"
@@ -38,6 +39,10 @@ class Bundle:
     """Sparse levels (the dense level 0 is implicit)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    integrity: str = INTEGRITY_NONE
+    """What loading established about the file's checksums: ``verified``, ``not verified`` (``verify=False``),
+    ``no checksums`` (a bundle written before they were recorded, or one made in memory) or ``recorded`` (just
+    saved, with the checksums of these tensors)."""
 
     @property
     def all_levels(self) -> tuple[float, ...]:
@@ -142,6 +147,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
         stored[name + CODE_SUFFIX] = pack_codes(code, bundle.bits)
     write_safetensors(out, stored, build_metadata(bundle))
     bundle.path = out
+    bundle.integrity = INTEGRITY_RECORDED
     return out
 
 
@@ -184,12 +190,26 @@ def _check_declared_levels(src: Path, levels: Sequence[float], counts: Mapping[s
                             "of the pruned tensors", "the bundle is corrupt (or was edited); re-create it")
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and validate a bundle: format/version, levels, code bits, shapes, code ranges, recorded counts."""
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and validate a bundle: format/version, levels, code bits, shapes, code ranges, recorded counts; with
+    ``verify`` (the default) also its checksums, when it has them (a bundle written before them loads unverified).
+
+    The file is mapped once and everything comes from that mapping, so a concurrent ``os.replace`` of ``path``
+    yields the old bundle or the new one, never a mixture.
+    """
     src = Path(path)
     if not src.is_file():
         raise DsnnError(f"bundle {src} does not exist", "check the path, or create one with `dsnn prune`")
-    stored, raw_meta = read_safetensors(src)
+    with open_safetensors(src) as file:
+        return bundle_from_file(file, verify)
+
+
+def bundle_from_file(file: SafetensorsFile, verify: bool = True) -> Bundle:
+    """The validated bundle held by an opened safetensors ``file`` (see :func:`load_bundle`)."""
+    src = file.path
+    raw_meta = file.metadata
+    if verify:
+        file.verify_metadata()
     if raw_meta.get("format") != FORMAT_NAME:
         raise DsnnError(
             f"{src} is not a DSNN bundle (no format={FORMAT_NAME} metadata)",
@@ -220,6 +240,7 @@ def load_bundle(path: str | Path) -> Bundle:
     pruned = meta["pruned"]
     if not isinstance(pruned, dict) or not pruned:
         raise DsnnError(f"{src}: bundle lists no pruned tensors", "the bundle is corrupt")
+    stored = file.load(verify)
     tensors = {n: t for n, t in stored.items() if not n.endswith(CODE_SUFFIX)}
     codes: dict[str, torch.Tensor] = {}
     counts: dict[str, list[int]] = {}
@@ -250,5 +271,5 @@ def load_bundle(path: str | Path) -> Bundle:
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
     keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "levels", "code_bits",
-                                                        "code_suffix", "pruned", "sparsity")}
-    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src)
+                                                        "code_suffix", "pruned", "sparsity", CHECKSUM_KEY)}
+    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src, integrity=file.integrity)

@@ -53,8 +53,11 @@ def evaluate(
     max_wer_increase: Sequence[str] = (),
     audio_ctx: int | None = None,
     kernels: str = "dense",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
+
+    ``verify`` checks the model file's checksums (when it has them) before anything runs.
 
     ``max_wer`` / ``max_wer_increase`` are CI gates (``LEVEL:PCT``, see :func:`check_gates`), checked for syntax
     before any work and recorded under ``gates`` in the report; :func:`gate_failure` turns failures into an error.
@@ -73,7 +76,7 @@ def evaluate(
         parse_gate(spec, "--max-wer")
     for spec in max_wer_increase:
         parse_gate(spec, "--max-wer-increase")
-    loaded = load_model(model_path, audio_ctx, kernels)  # checks --kernels before any data is read
+    loaded = load_model(model_path, audio_ctx, kernels, verify=verify)  # checks --kernels before any data is read
     chosen = select_levels(loaded, levels)
     norm = normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name

@@ -12,14 +12,16 @@ from .evaluate import transcribe_waveforms
 
 
 def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float | str = 0.0,
-               audio_ctx: int | None = None, kernels: str = "dense") -> list[dict[str, Any]]:
+               audio_ctx: int | None = None, kernels: str = "dense", *,
+               verify: bool = True) -> list[dict[str, Any]]:
     """Greedy transcripts of ``audio`` files with the model at ``level``; ``[{"file", "level", "text"}]``.
 
     ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms). ``kernels`` (``dense`` | ``sparse`` |
     ``auto``): how pruned layers compute; with ``sparse`` or ``auto`` each result also holds ``kernels`` (mode and
-    sparse layers); ``auto`` times the layers on the first file.
+    sparse layers); ``auto`` times the layers on the first file. ``verify`` checks the model file's checksums when it
+    has them.
     """
-    loaded = load_model(model_path, audio_ctx, kernels)
+    loaded = load_model(model_path, audio_ctx, kernels, verify=verify)
     if loaded.kernels is None or loaded.sparsity is None:
         loaded.set_level(level)
     else:  # the level is checked before reading audio; it is set once auto kernels can time on the first file

@@ -147,14 +147,15 @@ def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: s
 
 
 def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: str | None = None,
-                  force: bool = False) -> list[Path]:
-    """``dsnn export``: check the level and every output path first, then write the level(s) of the bundle."""
+                  force: bool = False, verify: bool = True) -> list[Path]:
+    """``dsnn export``: check the level and every output path first, then write the level(s) of the bundle
+    (``verify``: after checking the bundle's checksums)."""
     out = Path(output)
     every = level.strip().lower() == "all"
     if not every:
         parse_level(level)
     resolved = infer_format(out, fmt)
-    bundle = open_source(bundle_path, role="bundle").require_bundle()
+    bundle = open_source(bundle_path, role="bundle", verify=verify).require_bundle()
     targets = [level_output_path(out, lv) for lv in bundle.all_levels] if every else [out]
     if not every:
         bundle.level_index(level)

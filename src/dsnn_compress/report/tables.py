@@ -57,6 +57,7 @@ def inspect_report(bundle: Bundle, file_size: int | None = None) -> dict[str, An
         "tensors": summary["tensors"],
         "not_pruned": sorted(n for n in bundle.tensors if n not in bundle.codes),
         "evaluation": meta.get("evaluation"),
+        "integrity": bundle.integrity,
     }
 
 
@@ -93,6 +94,14 @@ def tensors_table(report: dict[str, Any], levels: Sequence[float]) -> Table:
     return table
 
 
+_INTEGRITY_TEXT = {
+    "verified": "verified (every tensor and the metadata match)",
+    "not verified": "present, not verified (--no-verify)",
+    "no checksums": "no checksums (written by a dsnn that did not record them)",
+    "recorded": "recorded",
+}
+
+
 def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool, console: Console) -> None:
     """Print the inspect report as rich tables."""
     source = report.get("source") or {}
@@ -104,6 +113,7 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
     )
     if source:
         console.print(f"source: {source.get('file')} (sha256 {str(source.get('sha256'))[:12]}…, {source.get('kind')})")
+    console.print(f"checksums: {_INTEGRITY_TEXT.get(report.get('integrity'), report.get('integrity'))}")
     if report.get("model"):
         console.print(f"model: {report['model'].get('family')}")
     console.print(levels_table(report, "levels"))

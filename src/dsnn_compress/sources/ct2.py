@@ -25,8 +25,9 @@ def recognises(path: Path) -> bool:
             and peek_ct2_header(path / "model.bin") is not None)
 
 
-def read(path: Path) -> Source:
-    """The HF-named tensors, ``model.bin`` as the hashed file, the HF text files and the ``whisper`` description."""
+def read(path: Path, verify: bool = True) -> Source:
+    """The HF-named tensors, ``model.bin`` as the hashed file, the HF text files and the ``whisper`` description
+    (``verify`` has nothing to check: CTranslate2 files carry no dsnn checksums)."""
     tensors, text_files = read_ct2_directory(path)
     meta = describe_directory(text_files, list(tensors))
     if meta is None:

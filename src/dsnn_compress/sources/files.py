@@ -9,16 +9,20 @@ files (configs, vocabularies) are kept for later steps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import mmap
 import pickle
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.safetensors_io import read_safetensors
+from ..core.safetensors_io import open_safetensors
 from ..errors import DsnnError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -47,10 +51,25 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of a ``torch.save`` file, loaded with ``weights_only=True`` and unwrapped from common nesting."""
+def sha256_of(buffer: Any, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a buffer (bytes, an mmap) read in slices."""
+    digest = hashlib.sha256()
+    with memoryview(buffer) as view:
+        for start in range(0, len(view), chunk):
+            digest.update(view[start : start + chunk])
+    return digest.hexdigest()
+
+
+def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str], Callable[[], str]]:
+    """Tensors of a ``torch.save`` file, loaded with ``weights_only=True`` and unwrapped from common nesting, and a
+    function giving the sha256 of the bytes that were loaded (the file is mapped once, so a concurrent replace of
+    the path cannot mix two files)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:
+            buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(buffer, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found is None:
@@ -65,7 +84,8 @@ def read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise DsnnError(f"{path} is not a readable torch checkpoint ({_short(exc)})", "check the file") from exc
-    return _flatten_state(obj, path)
+    tensors, skipped = _flatten_state(obj, path)
+    return tensors, skipped, lambda: sha256_of(buffer)
 
 
 def _flatten_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -87,8 +107,11 @@ def _flatten_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[
     return tensors, skipped
 
 
-def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, str]]:
-    """Weights of a ``save_pretrained`` directory, the file that was hashed, and the small text files."""
+def read_hf_dir(path: Path, verify: bool = True
+                ) -> tuple[dict[str, torch.Tensor], Path, dict[str, str], Callable[[], str]]:
+    """Weights of a ``save_pretrained`` directory, the file that identifies it (the weights file or the shard
+    index), the small text files, and a function giving that file's sha256 from the bytes that were read.
+    ``verify`` checks the checksums a weights file written by dsnn carries."""
     hf_files: dict[str, str] = {}
     for item in sorted(path.iterdir()):
         if item.is_file() and item.suffix in HF_KEPT_SUFFIXES and item.stat().st_size <= HF_KEPT_MAX_BYTES:
@@ -103,32 +126,42 @@ def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, st
         if not candidate.is_file():
             continue
         if weights.endswith(".index.json"):
+            raw = candidate.read_bytes()
             try:
-                index = json.loads(candidate.read_text(encoding="utf-8"))
+                index = json.loads(raw.decode("utf-8"))
                 shards = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise DsnnError(f"{candidate} is not a valid shard index", "re-save the model") from None
             tensors: dict[str, torch.Tensor] = {}
             for shard in shards:
                 shard_path = path / shard
                 if not shard_path.is_file():
                     raise DsnnError(f"shard {shard_path} listed in {candidate.name} is missing", "copy all shards")
-                tensors.update(read_weights_file(shard_path)[0])
-            return tensors, candidate, hf_files
-        return read_weights_file(candidate)[0], candidate, hf_files
+                tensors.update(read_weights_file(shard_path, verify)[0])
+            return tensors, candidate, hf_files, functools.partial(sha256_of, raw)
+        tensors, _, _, digest = read_weights_file(candidate, verify)
+        return tensors, candidate, hf_files, digest
     raise DsnnError(
         f"{path} has config.json but no model.safetensors or pytorch_model.bin",
         "point at a complete save_pretrained directory",
     )
 
 
-def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+def read_weights_file(path: Path, verify: bool = True
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], Callable[[], str]]:
+    """Tensors, safetensors metadata, ignored non-tensor entries and a sha256 function of one weights file (read
+    once; ``verify`` checks the checksums a safetensors file written by dsnn carries)."""
     if path.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path)
-        return tensors, metadata, []
+        file = open_safetensors(path)
+        try:
+            tensors = file.load(verify)
+        except BaseException:
+            file.close()
+            raise
+        return tensors, dict(file.metadata), [], file.sha256
     if path.suffix in TORCH_SUFFIXES:
-        tensors, skipped = read_torch_file(path)
-        return tensors, {}, skipped
+        tensors, skipped, digest = read_torch_file(path)
+        return tensors, {}, skipped, digest
     raise DsnnError(
         f"{path} has an unsupported extension {path.suffix!r}",
         "use .safetensors, .pt, .pth, .bin, .ckpt or a Hugging Face model directory",

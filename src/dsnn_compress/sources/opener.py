@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from ..core.bundle import FORMAT_NAME as BUNDLE_FORMAT
-from ..core.bundle import Bundle, load_bundle
+from ..core.bundle import Bundle, bundle_from_file
+from ..core.checksums import INTEGRITY_NONE
 from ..core.levels import Levels
-from ..core.safetensors_io import read_safetensors, read_safetensors_metadata
+from ..core.safetensors_io import SafetensorsFile, open_safetensors, read_safetensors_metadata
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from ..models.registry import adapter_from_metadata, describe_directory
@@ -60,11 +61,16 @@ class Source:
     """Small text files of a model directory (config.json, vocab.json, ...), by name."""
     skipped_entries: list[str] = field(default_factory=list)
     """Non-tensor entries of a torch state dict that were ignored."""
+    integrity: str = INTEGRITY_NONE
+    """``verified``, ``not verified`` or ``no checksums``: what reading established about the file's checksums."""
+    digest: Callable[[], str] | None = field(default=None, repr=False)
+    """Computes :attr:`sha256` from the bytes that were read (the file as it was when opened), where the reader
+    keeps them; otherwise :attr:`hashed_file` is read again."""
 
     @cached_property
     def sha256(self) -> str:
         """Hex sha256 of :attr:`hashed_file` (computed on first use)."""
-        return sha256_file(self.hashed_file)
+        return self.digest() if self.digest is not None else sha256_file(self.hashed_file)
 
     @property
     def is_bundle(self) -> bool:
@@ -139,11 +145,12 @@ _NO_MODEL_HINT = {
 
 @dataclass(frozen=True)
 class SourceReader:
-    """A kind of input: ``recognises(path)`` is cheap (names, headers); ``read(path)`` loads it."""
+    """A kind of input: ``recognises(path)`` is cheap (names, headers); ``read(path, verify)`` loads it (checking
+    the checksums it carries when ``verify``)."""
 
     kind: str
     recognises: Callable[[Path], bool]
-    read: Callable[[Path], Source]
+    read: Callable[[Path, bool], Source]
 
 
 _READERS: list[SourceReader] = []
@@ -158,11 +165,13 @@ def register_reader(reader: SourceReader, first: bool = True) -> None:
     _READERS.insert(0 if first else len(_READERS), reader)
 
 
-def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input") -> Source:
+def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input", verify: bool = True) -> Source:
     """Open ``path`` with the first reader that recognises it; DsnnError naming what is accepted otherwise.
 
     ``role`` names the input in messages (``checkpoint``, ``bundle``, ``model``). With ``allow_bundle=False``
-    (inputs that must be dense, as for ``dsnn prune``) a DSNN bundle is refused before it is read.
+    (inputs that must be dense, as for ``dsnn prune``) a DSNN bundle is refused before it is read. ``verify``
+    checks the checksums a file carries (bundles and files written by dsnn); a file without them opens unverified.
+    Each file is read once: a concurrent ``os.replace`` of ``path`` gives the old or the new file, never a mixture.
     """
     if not _plugins_loaded:
         _plugins_loaded.append(True)
@@ -177,7 +186,10 @@ def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input"
                         "prune the dense checkpoint instead, or `dsnn export --level 0` it first")
     for reader in _READERS:
         if reader.recognises(src):
-            source = reader.read(src)
+            source = reader.read(src, verify)
+            if not allow_bundle and source.is_bundle:  # replaced by a bundle since the check above
+                raise DsnnError(f"{src} is already a DSNN bundle",
+                                "prune the dense checkpoint instead, or `dsnn export --level 0` it first")
             if not source.tensors:
                 raise DsnnError(f"checkpoint {src} contains no tensors", "check that it is the right file")
             return source
@@ -191,45 +203,54 @@ def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input"
 # ----------------------------------------------------------------------------------------------- built-in readers
 
 
-def _read_safetensors_file(path: Path) -> Source:
-    """A bundle, a dsnn checkpoint or a plain state dict, told apart by the file's metadata (read once)."""
-    metadata = read_safetensors_metadata(path)
-    if metadata.get("format") == BUNDLE_FORMAT:
-        return _read_bundle(path)
-    if metadata.get("format") == CHECKPOINT_FORMAT or MODEL_METADATA_KEY in metadata:
-        return _read_checkpoint(path)
-    tensors, metadata = read_safetensors(path)
-    return Source(path, "safetensors", tensors, path, file_metadata=metadata)
-
-
-def _read_bundle(path: Path) -> Source:
-    bundle = load_bundle(path)
-    meta = bundle.metadata.get("model")
-    return Source(path, BUNDLE_FORMAT, bundle.tensors, path, meta if isinstance(meta, dict) else None, bundle,
-                  hf_files=dict(bundle.metadata.get("hf_files") or {}))
-
-
-def _read_checkpoint(path: Path) -> Source:
-    tensors, metadata = read_safetensors(path)
-    check_checkpoint_metadata(path, metadata)
+def _read_safetensors_file(path: Path, verify: bool = True) -> Source:
+    """A bundle, a dsnn checkpoint or a plain state dict, told apart by the file's metadata; the file is mapped once
+    and stays mapped while the source lives (for :attr:`Source.sha256`)."""
+    file = open_safetensors(path)
     try:
-        meta = json.loads(metadata[MODEL_METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise DsnnError(f"{path} has malformed model metadata: {exc}", "re-save the checkpoint") from exc
-    if not isinstance(meta, dict):
-        raise DsnnError(f"{path}: the 'model' metadata is not a JSON object", "re-save the checkpoint")
-    return Source(path, CHECKPOINT_FORMAT, tensors, path, meta, file_metadata=metadata)
+        source = _source_of_file(file, verify)
+    except BaseException:
+        file.close()
+        raise
+    source.digest = file.sha256
+    return source
 
 
-def _read_torch(path: Path) -> Source:
-    tensors, skipped = read_torch_file(path)
-    return Source(path, "torch", tensors, path, skipped_entries=skipped)
+def _source_of_file(file: SafetensorsFile, verify: bool) -> Source:
+    path, metadata = file.path, file.metadata
+    if metadata.get("format") == BUNDLE_FORMAT:
+        bundle = bundle_from_file(file, verify)
+        meta = bundle.metadata.get("model")
+        return Source(path, BUNDLE_FORMAT, bundle.tensors, path, meta if isinstance(meta, dict) else None, bundle,
+                      hf_files=dict(bundle.metadata.get("hf_files") or {}), integrity=bundle.integrity)
+    if verify:
+        file.verify_metadata()
+    if metadata.get("format") == CHECKPOINT_FORMAT or MODEL_METADATA_KEY in metadata:
+        check_checkpoint_metadata(path, metadata)
+        if MODEL_METADATA_KEY not in metadata:
+            raise DsnnError(f"{path}: the {CHECKPOINT_FORMAT} has no 'model' metadata", "re-save the checkpoint")
+        try:
+            meta = json.loads(metadata[MODEL_METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise DsnnError(f"{path} has malformed model metadata: {exc}", "re-save the checkpoint") from exc
+        if not isinstance(meta, dict):
+            raise DsnnError(f"{path}: the 'model' metadata is not a JSON object", "re-save the checkpoint")
+        tensors = file.load(verify)
+        return Source(path, CHECKPOINT_FORMAT, tensors, path, meta, file_metadata=dict(metadata),
+                      integrity=file.integrity)
+    tensors = file.load(verify)
+    return Source(path, "safetensors", tensors, path, file_metadata=dict(metadata), integrity=file.integrity)
 
 
-def _read_hf(path: Path) -> Source:
-    tensors, hashed, hf_files = read_hf_dir(path)
+def _read_torch(path: Path, verify: bool = True) -> Source:
+    tensors, skipped, digest = read_torch_file(path)
+    return Source(path, "torch", tensors, path, skipped_entries=skipped, digest=digest)
+
+
+def _read_hf(path: Path, verify: bool = True) -> Source:
+    tensors, hashed, hf_files, digest = read_hf_dir(path, verify)
     meta = describe_directory(hf_files, list(tensors))
-    return Source(path, "hf-dir", tensors, hashed, meta, hf_files=hf_files)
+    return Source(path, "hf-dir", tensors, hashed, meta, hf_files=hf_files, digest=digest)
 
 
 def _looks_like_safetensors(path: Path) -> bool:

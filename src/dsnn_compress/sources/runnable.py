@@ -91,14 +91,15 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, audio_ctx: int | None = None, kernels: str = "dense",
-               probe: Callable[[], Any] | None = None) -> LoadedModel:
+               probe: Callable[[], Any] | None = None, *, verify: bool = True) -> LoadedModel:
     """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode.
 
     ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries.
     ``kernels`` (``dense`` | ``sparse`` | ``auto``) and ``probe``: see :meth:`LoadedModel.use_kernels`.
+    ``verify`` checks the file's checksums when it has them (DsnnError naming the damaged tensors).
     """
     mode = parse_kernels(kernels)
-    loaded = runnable_model(open_source(path, role="model"), audio_ctx)
+    loaded = runnable_model(open_source(path, role="model", verify=verify), audio_ctx)
     loaded.use_kernels(mode, probe)
     return loaded
 

@@ -35,11 +35,11 @@ class ModelSetup:
     """The source's dtype per tensor: the written bundle keeps them (the live model trains in fp32)."""
 
 
-def build_model(recipe: Recipe) -> ModelSetup:
+def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
     """Create the model named by the recipe (``model.init`` unset) or open ``model.init``, with its initial codes.
 
     A bundle brings its own levels and codes (recipe levels must agree); a dsnn checkpoint or a supported model
-    directory is pruned here at the recipe's levels.
+    directory is pruned here at the recipe's levels. ``verify`` checks the checksums ``model.init`` carries.
     """
     init = recipe.model.init
     levels: tuple[float, ...] = tuple(recipe.levels or ())
@@ -55,7 +55,7 @@ def build_model(recipe: Recipe) -> ModelSetup:
     if not Path(init).exists():
         raise DsnnError(f"model.init {init} does not exist",
                         "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
-    opened = open_source(init)
+    opened = open_source(init, verify=verify)
     # the directory families' descriptions carry the recipe's normaliser; a dsnn checkpoint keeps its own
     normalizer = recipe.model.normalizer if opened.kind == "hf-dir" else None
     adapter = opened.adapter(normalizer, purpose="finetune", audio_ctx=recipe.model.audio_ctx)

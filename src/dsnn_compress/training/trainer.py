@@ -67,14 +67,15 @@ class FinetuneResult:
 
 
 def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: Reporter | None = None,
-             stop_after: int | None = None) -> FinetuneResult:
+             stop_after: int | None = None, verify: bool = True) -> FinetuneResult:
     """Run the recipe: joint multi-level training (or dense training when there are no levels).
 
     ``report(event, data)`` receives ``start``, ``step``, ``tick``, ``eval``, ``checkpoint`` and ``end`` events (rank 0
     only). ``stop_after`` ends the process's loop early after that many total steps without writing the final output
-    (used to simulate a crash in tests; the periodic checkpoint stays).
+    (used to simulate a crash in tests; the periodic checkpoint stays). ``verify`` checks the checksums of the
+    starting bundle or checkpoint (``model.init``) when it has them.
     """
-    run = Finetuner(recipe, report)
+    run = Finetuner(recipe, report, verify)
     run.setup(resume=resume, force=force)
     run.train(stop_after)
     return run.finish()
@@ -125,8 +126,9 @@ class Finetuner:
     runner: AdapterRunner
     log: JsonlLog
 
-    def __init__(self, recipe: Recipe, report: Reporter | None = None) -> None:
+    def __init__(self, recipe: Recipe, report: Reporter | None = None, verify: bool = True) -> None:
         self.started = time.perf_counter()
+        self.verify = verify
         self.recipe, self.cfg = recipe, recipe.training
         device = resolve_device(self.cfg.device)
         self.dist = init_distributed(device)
@@ -145,7 +147,7 @@ class Finetuner:
         recipe, cfg = self.recipe, self.cfg
         if self.dist.main:
             self.out.check(resume, force)
-        self.model_setup = build_model(recipe)
+        self.model_setup = build_model(recipe, self.verify)
         adapter, self.levels = self.model_setup.adapter, self.model_setup.levels
         self.labels = [level_label(level) for level in (0.0, *self.levels)]
         self.weights = check_loss_weights(recipe.sampling.loss_weights, len(self.levels))
