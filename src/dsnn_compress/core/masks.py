@@ -56,7 +56,7 @@ def _checked_flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
             bad = int((~torch.isfinite(flat)).sum())
             raise DsnnError(
                 f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
-                "fix or retrain the model, or exclude that tensor with --exclude",
+                "fix the checkpoint (a diverged training run? restore an earlier one) and prune again",
             )
     return flat
 
