@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     _ARGS = args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="dsnn", standalone_mode=False)
+        code = command.main(args=args, prog_name="dsnn", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into this return value when not standalone
+            raise KeyboardInterrupt
     except DsnnError as exc:
         if debug:
             traceback.print_exc()
