@@ -77,8 +77,8 @@ def dense(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[str], bool]], None]:
-    """``full_disk(which)``: files opened for writing whose name satisfies ``which`` go to ``/dev/full``.
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Path], bool]], None]:
+    """``full_disk(which)``: files opened for writing whose path satisfies ``which`` go to ``/dev/full``.
 
     The kernel answers every write there with ENOSPC, exactly as a full disk does, so the code under test meets a
     real ``OSError(28)`` from a real write (Python-level ``open`` only: C++/Rust writers are covered by the file
@@ -88,9 +88,9 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[str], bool
         pytest.skip("needs /dev/full (Linux)")
     real_open = builtins.open
 
-    def install(which: Callable[[str], bool]) -> None:
+    def install(which: Callable[[Path], bool]) -> None:
         def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202 - the signature of open()
-            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") and which(Path(file).name):
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") and which(Path(file)):
                 return real_open("/dev/full", mode.replace("x", "w"), *args, **kwargs)
             return real_open(file, mode, *args, **kwargs)
 
@@ -100,8 +100,10 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[str], bool
     return install
 
 
-def our_temps(name: str) -> bool:
-    return name.startswith(".dsnn-tmp-")
+def inside(directory: Path, *fragments: str, unless: str | None = None) -> Callable[[Path], bool]:
+    """Files in ``directory`` whose name holds every fragment (and not ``unless``): the full part of the disk."""
+    return lambda path: (path.parent == directory and all(f in path.name for f in fragments)
+                         and (unless is None or unless not in path.name))
 
 
 # ------------------------------------------------------------------------------------ item 9: temporary names
@@ -179,7 +181,7 @@ def test_resume_removes_stale_temporaries(tmp_path: Path) -> None:
 def test_prune_on_a_full_disk(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str], full_disk) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    full_disk(our_temps)
+    full_disk(inside(out_dir))
     code, _, err = run_cli(capsys, "prune", dense, "--levels", "0.5", "-o", out_dir / "b.safetensors")
     assert code == 1
     assert_one_error_line(err, f"cannot write {out_dir / 'b.safetensors'}: {ENOSPC_LINE}", "free some space")
@@ -189,7 +191,7 @@ def test_prune_on_a_full_disk(tmp_path: Path, dense: Path, capsys: pytest.Captur
 @pytest.mark.parametrize("fmt", ["safetensors", "torch", "checkpoint"])
 def test_export_on_a_full_disk(tmp_path: Path, tiny_model, fmt: str, capsys: pytest.CaptureFixture[str],
                                full_disk) -> None:
-    full_disk(our_temps)
+    full_disk(inside(tmp_path))
     out = tmp_path / "m.bin"
     code, _, err = run_cli(capsys, "export", tiny_model.bundle, "--level", "0.5", "--format", fmt, "-o", out)
     assert code == 1
@@ -200,7 +202,7 @@ def test_export_on_a_full_disk(tmp_path: Path, tiny_model, fmt: str, capsys: pyt
 def test_export_all_levels_is_all_or_nothing(tmp_path: Path, tiny_model, capsys: pytest.CaptureFixture[str],
                                              full_disk) -> None:
     """The disk fills while the last level (0.9) is written: the dense and 0.5 files must not stay."""
-    full_disk(lambda name: our_temps(name) and "-0.9." in name)
+    full_disk(inside(tmp_path, "-0.9."))
     code, _, err = run_cli(capsys, "export", tiny_model.bundle, "--level", "all", "--format", "checkpoint", "-o",
                            tmp_path / "m.safetensors")
     assert code == 1
@@ -212,7 +214,7 @@ def test_export_all_levels_replaces_old_files_only_on_success(tmp_path: Path, ti
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("m-dense.safetensors", "m-0.5.safetensors", "m-0.9.safetensors"):
         (tmp_path / name).write_text("old")
-    full_disk(lambda name: our_temps(name) and "-0.9." in name)
+    full_disk(inside(tmp_path, "-0.9."))
     code, _, err = run_cli(capsys, "export", tiny_model.bundle, "--level", "all", "--format", "checkpoint", "-o",
                            tmp_path / "m.safetensors", "--force")
     assert code == 1, err
@@ -244,7 +246,7 @@ def test_staged_outputs_put_previous_files_back_when_a_rename_fails(tmp_path: Pa
 def test_evaluate_reports_are_all_or_nothing_on_a_full_disk(tmp_path: Path, tiny_model, full: str, full_disk,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     names = {"json": "r.json", "markdown": "r.md", "plot": "r.png"}
-    full_disk(lambda name: our_temps(name) and name.endswith(names[full]))
+    full_disk(inside(tmp_path, names[full]))
     code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", MANIFEST, "--levels", "0.5",
                            "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md", "--plot", tmp_path / "r.png")
     assert code == 1
@@ -254,7 +256,7 @@ def test_evaluate_reports_are_all_or_nothing_on_a_full_disk(tmp_path: Path, tiny
 
 def test_finetune_on_a_full_disk_leaves_no_log(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                full_disk) -> None:
-    full_disk(our_temps)
+    full_disk(inside(tmp_path))
     out = tmp_path / "o.safetensors"
     code, _, err = run_cli(capsys, "finetune", *FINETUNE, "-o", out, "--steps", "2")
     assert code == 1
@@ -264,7 +266,7 @@ def test_finetune_on_a_full_disk_leaves_no_log(tmp_path: Path, capsys: pytest.Ca
 
 def test_finetune_failing_at_its_final_write_leaves_nothing_new(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                 full_disk) -> None:
-    full_disk(lambda name: our_temps(name) and name.endswith("o.safetensors"))
+    full_disk(inside(tmp_path, "o.safetensors", unless="train-state"))
     out = tmp_path / "o.safetensors"
     code, _, err = run_cli(capsys, "finetune", *FINETUNE, "-o", out, "--steps", "2")
     assert code == 1
@@ -278,18 +280,18 @@ def test_finetune_failing_after_a_checkpoint_keeps_what_resume_needs(tmp_path: P
     args = [*FINETUNE, "-o", out, "--steps", "3", "--set", "training.checkpoint_every=1"]
     calls = {"n": 0}
 
-    def third_state_write(name: str) -> bool:  # the disk fills at the checkpoint of step 2
-        if our_temps(name) and name.endswith(".train-state.pt"):
+    def second_state_write(path: Path) -> bool:  # the disk fills at the checkpoint of step 2
+        if path.parent == tmp_path and ".train-state.pt" in path.name:
             calls["n"] += 1
             return calls["n"] == 2
         return False
 
-    full_disk(third_state_write)
+    full_disk(second_state_write)
     code, _, err = run_cli(capsys, "finetune", *args)
     assert code == 1
     assert_error_ends(err, ENOSPC_LINE, f"the training state {state_path(out)} is kept", "--resume")
     assert listing(tmp_path) == sorted([out.name, log_path(out).name, state_path(out).name])
-    full_disk(lambda name: False)  # the disk has room again
+    full_disk(lambda path: False)  # the disk has room again
     code, _, err = run_cli(capsys, "finetune", *args, "--resume")
     assert code == 0, err
     assert listing(tmp_path) == sorted([out.name, log_path(out).name])
