@@ -1,6 +1,6 @@
 """The `dsnn` command line: thin Typer commands over the library functions.
 
-Exit codes: 0 success, 1 failure, 2 usage error, 3 quality gate failed. Errors print one line
+Exit codes: 0 success, 1 failure, 2 usage error, 3 quality gate failed, 130 interrupted. Errors print one line
 ``error: ...`` on stderr; ``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
