@@ -164,14 +164,15 @@ def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: 
     if not every:
         parse_level(level)
     resolved = infer_format(out, fmt)
-    check_output_parent(out)
+    check = check_output_dir if resolved in DIRECTORY_FORMATS else check_output_path
+    if every:
+        check_output_parent(out)  # the file names depend on the bundle's levels: checked once it is read
+    else:
+        check(out, force)
     bundle = open_source(bundle_path, role="bundle").require_bundle()
-    targets = [level_output_path(out, lv) for lv in bundle.all_levels] if every else [out]
-    if not every:
+    if every:
+        for target in (level_output_path(out, lv) for lv in bundle.all_levels):
+            check(target, force)
+    else:
         bundle.level_index(level)
-    for target in targets:
-        if resolved in DIRECTORY_FORMATS:
-            check_output_dir(target, force)
-        else:
-            check_output_path(target, force)
     return export_levels(bundle, level, out, resolved)
