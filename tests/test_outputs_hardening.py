@@ -300,6 +300,19 @@ def test_finetune_failing_after_a_checkpoint_keeps_what_resume_needs(tmp_path: P
     assert steps == [1, 2, 3]
 
 
+def test_finetune_failing_in_its_first_checkpoint_leaves_nothing(tmp_path: Path, full_disk,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The state of step 1 is written, then the disk fills while its bundle is: neither may stay (nor the log)."""
+    full_disk(inside(tmp_path, "o.safetensors", unless="train-state"))
+    out = tmp_path / "o.safetensors"
+    code, _, err = run_cli(capsys, "finetune", *FINETUNE, "-o", out, "--steps", "3", "--set",
+                           "training.checkpoint_every=1")
+    assert code == 1
+    line = assert_error_ends(err, f"cannot write {out}: {ENOSPC_LINE}")
+    assert "--resume" not in line
+    assert listing(tmp_path) == []
+
+
 def test_finetune_interrupted_before_a_checkpoint_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from dsnn_compress.training import trainer

@@ -104,6 +104,8 @@ def display_path(path: str | os.PathLike) -> Path:
 
 
 def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: never judge, never clean
+        return True
     if pid <= 0:
         return False
     try:

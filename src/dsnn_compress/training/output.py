@@ -75,20 +75,23 @@ class RunOutput:
             if path.exists() and not force:
                 raise UsageError(f"output {path} already exists", "pass --force to overwrite it or choose another path")
 
-    def write(self, setup: ModelSetup, codes: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
+    def write(self, setup: ModelSetup, codes: dict[str, torch.Tensor], training: dict[str, Any],
+              path: Path | None = None) -> None:
         """Write the model of ``setup`` with ``codes`` as a bundle (with no sparse levels: a dense checkpoint).
 
-        ``training`` is the run's record (steps, final loss, dev WER, ...) stored in the file's metadata.
+        ``training`` is the run's record (steps, final loss, dev WER, ...) stored in the file's metadata; ``path``
+        (default: the result's own) lets a checkpoint stage the file beside its state.
         """
         from ..sources.checkpoint import in_dtypes, save_checkpoint
 
         recipe = self.recipe
+        path = self.path if path is None else path
 
         if not setup.levels:
             extra = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                      "training": json.dumps(training, sort_keys=True),
                      "tool": json.dumps(tool_metadata())}
-            save_checkpoint(setup.adapter, self.path, extra, setup.dtypes)
+            save_checkpoint(setup.adapter, path, extra, setup.dtypes)
             return
         tensors = in_dtypes(setup.adapter.model.state_dict(), setup.dtypes)
         metadata = {
@@ -104,7 +107,7 @@ class RunOutput:
             "training": training,
         }
         save_bundle(Bundle(tensors=tensors, codes={n: c.cpu() for n, c in codes.items()}, levels=setup.levels,
-                           metadata=metadata), self.path)
+                           metadata=metadata), path)
 
 
 class JsonlLog:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import StagedOutputs
 from ..core import masked
 from ..core.levels import level_label
 from ..core.schedule import lr_at, sample_levels, should_update_codes
@@ -288,8 +289,9 @@ class Finetuner:
     def checkpoint(self) -> None:
         """Rank 0 writes the training state and the current result file, so a crash can ``--resume``."""
         if self.dist.main:
-            self.snapshot().save(self.out.state_file)
-            self._write_result(self.last_dev)
+            with StagedOutputs() as staged:  # the state and its result replace the previous pair together
+                self.snapshot().save(staged.file(self.out.state_file))
+                self._write_result(self.last_dev, path=staged.file(self.out.path))
             self.log.publish()  # from now on the state, the result and the log make a run that --resume continues
             self.emit("checkpoint", {"step": self.step, "path": str(self.out.state_file)})
             self.log.write({"event": "checkpoint", "step": self.step})
@@ -335,9 +337,9 @@ class Finetuner:
     def abandon(self, exc: BaseException) -> None:
         """After a failure: leave nothing new, unless a checkpoint of this run can be resumed.
 
-        Before the run's first checkpoint the unpublished log is removed (the result and state are written only at
-        checkpoints, atomically), so the failed run leaves no file. After one, the state, its result and the log
-        stay for ``--resume``, and an error reported to the user says so.
+        Before the run's first checkpoint the unpublished log is removed (the state and its result are written only
+        at checkpoints, together: :class:`~dsnn_compress.atomic.StagedOutputs`), so the failed run leaves no file.
+        After one, the state, its result and the log stay for ``--resume``, and an error reported to the user says so.
         """
         log = getattr(self, "log", None)
         if log is None:
@@ -363,7 +365,7 @@ class Finetuner:
         self.log.write(record)
         self.emit(event, record)
 
-    def _write_result(self, dev: list[float] | None, best_step: int | None = None) -> None:
+    def _write_result(self, dev: list[float] | None, best_step: int | None = None, path: Path | None = None) -> None:
         training = {"steps": self.step, "final_loss": self.last_losses, "world_size": self.dist.world,
                     "best_step": best_step, "dev_wer": None if dev is None else self._labelled(dev)}
-        self.out.write(self.model_setup, self.codes, training)
+        self.out.write(self.model_setup, self.codes, training, path)
