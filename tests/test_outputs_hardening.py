@@ -242,6 +242,25 @@ def test_staged_outputs_put_previous_files_back_when_a_rename_fails(tmp_path: Pa
     assert leftovers(tmp_path) == []
 
 
+def test_staged_outputs_never_leave_a_file_target_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill at any moment of a checkpoint leaves the old or the new training state under its name, never none."""
+    target = tmp_path / "run.safetensors.train-state.pt"
+    target.write_text("old")
+    present: list[bool] = []
+    real_replace = os.replace
+
+    def spy(src, dst):  # noqa: ANN001, ANN202
+        present.append(target.exists())
+        real_replace(src, dst)
+        present.append(target.exists())
+
+    monkeypatch.setattr(atomic.os, "replace", spy)
+    with StagedOutputs() as staged:
+        staged.file(target).write_text("new")
+    assert present and all(present)
+    assert target.read_text() == "new" and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("full", ["json", "markdown", "plot"])
 def test_evaluate_reports_are_all_or_nothing_on_a_full_disk(tmp_path: Path, tiny_model, full: str, full_disk,
                                                             capsys: pytest.CaptureFixture[str]) -> None:

@@ -269,6 +269,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _keep_previous(out: Path) -> Path | None:
+    """Keep ``out``'s current content under a ``.dsnn-old-`` name, so that a failed commit can put it back.
+
+    A file is hard-linked (``out`` itself never disappears, so a kill at any moment leaves the old or the new file
+    under its name: a training state stays resumable); a directory, or a file system without hard links, is moved.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return None
+    old = temp_path(out, OLD_PREFIX)
+    if not out.is_dir() or out.is_symlink():
+        try:
+            os.link(out, old, follow_symlinks=False)
+            return old
+        except OSError:
+            pass
+    os.replace(out, old)
+    return old
+
+
 class StagedOutputs:
     """Several outputs that appear together or not at all (``export --level all``, ``evaluate``'s reports).
 
@@ -307,23 +326,24 @@ class StagedOutputs:
         try:
             for out, tmp in self.staged:
                 current = out
-                old = None
-                if out.exists() or out.is_symlink():
-                    old = temp_path(out, OLD_PREFIX)
-                    os.replace(out, old)
+                old = _keep_previous(out)
                 try:
                     os.replace(tmp, out)
                 except OSError:
-                    if old is not None:
-                        os.replace(old, out)
+                    done.append((out, old))  # undone below like the others: the previous content goes back
                     raise
                 done.append((out, old))
         except OSError as exc:
             for out, old in reversed(done):  # undo: the new outputs go, the previous ones come back
                 with contextlib.suppress(OSError):
-                    _remove(out)
-                    if old is not None:
-                        os.replace(old, out)
+                    if old is None:
+                        _remove(out)
+                    elif out.exists() and os.path.samestat(old.lstat(), out.lstat()):
+                        old.unlink()  # never replaced (a hard link of it): rename() would do nothing
+                    else:
+                        if old.is_dir() and not old.is_symlink():
+                            _remove(out)  # a directory cannot be renamed over a non-empty one
+                        os.replace(old, out)  # a file: in one rename, the target never missing
             self.discard()
             raise write_error(current, exc) from exc
         for _, old in done:
