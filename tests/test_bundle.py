@@ -122,7 +122,7 @@ def test_identical_inputs_give_identical_bytes(tmp_path: Path, source_path: Path
     write_safetensors(tmp_path / "x.safetensors", state, {"k": "v"})
     write_safetensors(tmp_path / "y.safetensors", dict(reversed(list(state.items()))), {"k": "v"})
     assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dsnn-") or p.name.endswith(".tmp")] == []
 
 
 def test_bundle_size_overhead(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_plot_writes_a_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     out = plot_wer([("a", shuffled), ("b", {"levels": REPORT["levels"][:2]})], tmp_path / "p.png", title="T")
     assert out == tmp_path / "p.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dsnn-") or p.name.endswith(".tmp")]
 
     assert len(saved) == 1 and len(saved[0].axes) == 1  # the figure written to the PNG
     ax = saved[0].axes[0]

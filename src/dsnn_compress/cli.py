@@ -1,6 +1,6 @@
 """The `dsnn` command line: thin Typer commands over the library functions.
 
-Exit codes: 0 success, 1 failure, 2 usage error, 3 quality gate failed. Errors print one line
+Exit codes: 0 success, 1 failure, 2 usage error, 3 quality gate failed, 130 interrupted. Errors print one line
 ``error: ...`` on stderr; ``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,6 +22,9 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from . import __version__
 from .console import err, out, progress
 from .errors import EXIT_FAILURE, EXIT_USAGE, DsnnError
+
+if TYPE_CHECKING:
+    from .atomic import StagedOutputs
 
 app = typer.Typer(
     name="dsnn",
@@ -157,7 +160,7 @@ def export(
         err.print(f"wrote {path}", highlight=False)
 
 
-def _write_report_file(path: Path, text: str) -> None:
+def _write_report_file(path: Path, text: str, staged: StagedOutputs) -> None:
     from .atomic import atomic_write_text
 
     if str(path) == "-":
@@ -166,7 +169,7 @@ def _write_report_file(path: Path, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    atomic_write_text(path, text)
+    atomic_write_text(staged.file(path), text)
 
 
 @app.command()
@@ -196,10 +199,10 @@ def evaluate(
     verify: VerifyOption = True,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
-    from .atomic import check_report_path
+    from .atomic import StagedOutputs, check_report_path
     from .evaluation.evaluate import evaluate as run_evaluate
     from .evaluation.evaluate import gate_failure
-    from .report.plot import plot_wer, read_report
+    from .report.plot import plot_wer, read_report, require_matplotlib
     from .report.tables import evaluation_markdown, evaluation_table, to_json
 
     if plot_with and plot is None:
@@ -208,6 +211,8 @@ def evaluate(
     for path in (json_path, markdown_path, plot):
         if path is not None and str(path) != "-":
             check_report_path(path)
+    if plot is not None:
+        require_matplotlib()
     with progress() as bar:
         task = bar.add_task("evaluating", total=None, info="")
 
@@ -217,12 +222,13 @@ def evaluate(
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
                               max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
                               kernels=kernels, verify=verify)
-    if json_path is not None:
-        _write_report_file(json_path, to_json(report) + "\n")
-    if markdown_path is not None:
-        _write_report_file(markdown_path, evaluation_markdown(report))
-    if plot is not None:
-        plot_wer([(model.stem, report), *earlier], plot)
+    with StagedOutputs() as staged:  # the report files appear together or not at all
+        if json_path is not None:
+            _write_report_file(json_path, to_json(report) + "\n", staged)
+        if markdown_path is not None:
+            _write_report_file(markdown_path, evaluation_markdown(report), staged)
+        if plot is not None:
+            plot_wer([(model.stem, report), *earlier], staged.file(plot))
     if json_path is None or str(json_path) != "-":
         out.print(evaluation_table(report))
         if report["skipped"]:
@@ -345,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     _ARGS = args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="dsnn", standalone_mode=False)
+        code = command.main(args=args, prog_name="dsnn", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into this return value when not standalone
+            raise KeyboardInterrupt
     except DsnnError as exc:
         if debug:
             traceback.print_exc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .atomic import fresh_directory
 from .errors import DsnnError, UsageError
 
 DEFAULT_LEVELS = (0.5, 0.7, 0.9)
@@ -41,13 +41,10 @@ def run_demo(
     report: Callable[[str, dict[str, Any]], None] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Run the whole flow into ``out_dir``: bundle, fine-tuned bundle, reports, per-level checkpoints."""
-    from .evaluation.evaluate import evaluate
-    from .export.formats import export_bundle
-    from .prune import prune_checkpoint
-    from .training.recipe import recipe_from_dict
-    from .training.trainer import finetune
+    """Run the whole flow into ``out_dir``: bundle, fine-tuned bundle, reports, per-level checkpoints.
 
+    ``out_dir`` is checked before any work; it is filled all or nothing (:func:`~dsnn_compress.atomic.fresh_directory`).
+    """
     assets = demo_assets()
     model = assets / "model.safetensors"
     if not model.is_file():
@@ -59,11 +56,23 @@ def run_demo(
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise UsageError(f"demo output {out} is a file, not a directory", "choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"demo directory {out} is not empty", "pass --force to replace it or choose --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"demo directory {out} is not empty", "pass --force to replace it or choose --out")
+    with fresh_directory(out, force):  # all or nothing: a failed demo leaves --out as it was
+        return _demo_steps(out, assets, levels, steps, max_eval, report, stage)
+
+
+def _demo_steps(out: Path, assets: Path, levels: Sequence[float], steps: int, max_eval: int | None,
+                report: Callable[[str, dict[str, Any]], None] | None, stage: Callable[[str], None] | None
+                ) -> DemoResult:
+    """The demo's work inside its (fresh) output directory ``out``."""
+    from .evaluation.evaluate import evaluate
+    from .export.formats import export_bundle
+    from .prune import prune_checkpoint
+    from .training.recipe import recipe_from_dict
+    from .training.trainer import finetune
+
+    model = assets / "model.safetensors"
     eval_manifest = assets / "eval.jsonl"
     if max_eval is not None:
         lines = eval_manifest.read_text(encoding="utf-8").splitlines()[:max_eval]

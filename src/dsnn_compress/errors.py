@@ -6,6 +6,9 @@ remedy) on one line of stderr and exits with the error's ``exit_code``:
 * 1 - the command failed (bad file, bad data, I/O failure)
 * 2 - usage error (bad option values, conflicting flags, output exists without ``--force``)
 * 3 - a quality gate failed (``evaluate --max-wer`` / ``--max-wer-increase``)
+
+(130 - interrupted with Ctrl-C - is the CLI's own, not an error type.) OS errors while writing an output (a full
+disk, a quota) are DsnnErrors naming the output and the cause (``dsnn_compress.atomic.write_error``).
 """
 
 from __future__ import annotations

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import tool_metadata
 from .atomic import check_output_path
 from .core.bundle import Bundle, save_bundle
+from .core.finite import describe_nonfinite, nonfinite_tensors
 from .core.levels import validate_levels
 from .core.masks import compute_codes
 from .core.selection import select_prunable
+from .errors import DsnnError
 from .sources.opener import Source, open_source
 
 
@@ -32,6 +36,7 @@ def build_bundle(
     levels = validate_levels(list(levels))
     defaults = None if include or not source.runnable else source.adapter().default_prunable()
     names = select_prunable(source.tensors, include, exclude, defaults)
+    check_finite(source.tensors)
     codes = compute_codes({n: source.tensors[n] for n in names}, levels, allocation, on_progress)
     metadata: dict[str, Any] = {
         "allocation": allocation,
@@ -80,6 +85,20 @@ def prune_checkpoint(
     stage("writing")
     save_bundle(bundle, output)
     return bundle
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint with NaN or infinite values in any floating-point tensor, pruned or not.
+
+    Every tensor is copied into the bundle, so a NaN norm or bias would make every level of it output garbage
+    (``evaluate`` reports 100 % WER); the error names the tensors before any ranking work.
+    """
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise DsnnError(f"the checkpoint holds NaN/inf values in {describe_nonfinite(bad, tensors)}, so every level "
+                        "of its bundle would output garbage",
+                        "fix the checkpoint (a diverged training run? restore an earlier one) and prune again; "
+                        "--exclude does not help, every tensor is copied into the bundle")
 
 
 def _ignore(_: str) -> None:

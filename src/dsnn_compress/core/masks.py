@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DsnnError, UsageError
+from .finite import all_finite, nonfinite_count
 from .levels import validate_levels
 
 ALLOCATIONS = ("per-layer", "global")
@@ -51,13 +52,10 @@ def _checked_flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
     flat = tensor.detach().reshape(-1)
     if not flat.is_floating_point():
         raise UsageError(f"tensor {name} has dtype {flat.dtype}, not floating point", "exclude it from pruning")
-    for start in range(0, flat.numel(), _CHUNK):
-        if not bool(torch.isfinite(flat[start : start + _CHUNK]).all()):
-            bad = int((~torch.isfinite(flat)).sum())
-            raise DsnnError(
-                f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
-                "fix or retrain the model, or exclude that tensor with --exclude",
-            )
+    if not all_finite(flat):
+        bad = nonfinite_count(flat)
+        raise DsnnError(f"tensor {name} holds {bad} NaN/inf value(s); the checkpoint is corrupt",
+                        "fix the checkpoint (a diverged training run? restore an earlier one) and prune again")
     return flat
 
 

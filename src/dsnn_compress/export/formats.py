@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path, check_output_parent, check_output_path
+from ..atomic import StagedOutputs, atomic_path, check_output_parent, check_output_path
 from ..core.bundle import Bundle
 from ..core.levels import level_tag, parse_level
 from ..core.safetensors_io import write_safetensors
@@ -121,8 +121,9 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
             metadata["dsnn_source_sha256"] = str(source["sha256"])
         write_safetensors(out, bundle.state_dict_at(value), metadata)
     elif fmt == "torch":
-        with atomic_path(out) as tmp:
-            torch.save(bundle.state_dict_at(value), tmp)
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            # through a Python file: a full disk is an OSError (ENOSPC), not torch's "[enforce fail at ...]"
+            torch.save(bundle.state_dict_at(value), fh)
     elif fmt == "checkpoint":
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
@@ -139,11 +140,20 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
 
 
 def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> list[Path]:
-    """Export one level, or with ``level == "all"`` every level to :func:`level_output_path` files."""
+    """Export one level, or with ``level == "all"`` every level to :func:`level_output_path` files.
+
+    All or nothing: every file (or directory) is written under a temporary name first and the set is moved into
+    place only when all levels succeeded; on any failure none of them is left (see :class:`StagedOutputs`).
+    """
     out = Path(output)
-    if isinstance(level, str) and level.strip().lower() == "all":
-        return [export_level(bundle, lv, level_output_path(out, lv), fmt) for lv in bundle.all_levels]
-    return [export_level(bundle, level, out, fmt)]
+    every = isinstance(level, str) and level.strip().lower() == "all"
+    wanted = list(bundle.all_levels) if every else [level]
+    targets = [level_output_path(out, lv) for lv in bundle.all_levels] if every else [out]
+    resolved = infer_format(out, fmt)
+    with StagedOutputs() as staged:
+        for lv, target in zip(wanted, targets, strict=True):
+            export_level(bundle, lv, staged.file(target), resolved)
+    return targets
 
 
 def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: str | None = None,
@@ -155,13 +165,15 @@ def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: 
     if not every:
         parse_level(level)
     resolved = infer_format(out, fmt)
+    check = check_output_dir if resolved in DIRECTORY_FORMATS else check_output_path
+    if every:
+        check_output_parent(out)  # the file names depend on the bundle's levels: checked once it is read
+    else:
+        check(out, force)
     bundle = open_source(bundle_path, role="bundle", verify=verify).require_bundle()
-    targets = [level_output_path(out, lv) for lv in bundle.all_levels] if every else [out]
-    if not every:
+    if every:
+        for target in (level_output_path(out, lv) for lv in bundle.all_levels):
+            check(target, force)
+    else:
         bundle.level_index(level)
-    for target in targets:
-        if resolved in DIRECTORY_FORMATS:
-            check_output_dir(target, force)
-        else:
-            check_output_path(target, force)
     return export_levels(bundle, level, out, resolved)

@@ -25,8 +25,8 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def plot_wer(curves: Sequence[tuple[str, dict[str, Any]]], output: str | Path, title: str | None = None) -> Path:
-    """Draw WER (%) against sparsity (%) for each ``(label, report)`` and save a PNG atomically."""
+def require_matplotlib():  # noqa: ANN201 - the matplotlib.pyplot module
+    """``matplotlib.pyplot`` on the non-interactive Agg backend; DsnnError saying how to install it if missing."""
     try:
         import matplotlib
 
@@ -34,6 +34,12 @@ def plot_wer(curves: Sequence[tuple[str, dict[str, Any]]], output: str | Path, t
         import matplotlib.pyplot as plt
     except ImportError:
         raise DsnnError("plotting needs matplotlib", 'install it with: pip install "dsnn-compress[plot]"') from None
+    return plt
+
+
+def plot_wer(curves: Sequence[tuple[str, dict[str, Any]]], output: str | Path, title: str | None = None) -> Path:
+    """Draw WER (%) against sparsity (%) for each ``(label, report)`` and save a PNG atomically."""
+    plt = require_matplotlib()
     if not curves:
         raise DsnnError("nothing to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)

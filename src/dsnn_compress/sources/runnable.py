@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..core.bundle import Bundle
+from ..core.finite import describe_nonfinite, nonfinite_tensors
 from ..core.kernels import SparseKernels, parse_kernels
 from ..core.levels import Levels, parse_level
 from ..core.sparsity import DynamicSparsity
@@ -120,10 +121,26 @@ def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
                         "pass a file written by dsnn prune / finetune / export --format checkpoint, or a supported "
                         "Hugging Face / faster-whisper model directory")
     adapter = source.adapter(audio_ctx=audio_ctx)
+    check_finite_weights(adapter.model, source.path)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")
     sparsity = DynamicSparsity(adapter.model, source.bundle.codes, source.bundle.levels)
     return LoadedModel(adapter, source.path, "bundle", sparsity, source.bundle)
+
+
+def check_finite_weights(model: torch.nn.Module, path: Path) -> None:
+    """Refuse a model whose stored weights (parameters and persistent buffers) hold NaN or infinite values.
+
+    Such a model outputs garbage at every level (evaluate would report 100 % WER and exit 0), so inference
+    commands stop with one error naming the tensors instead.
+    """
+    state = model.state_dict()
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise DsnnError(f"{path} holds NaN/inf weights in {describe_nonfinite(bad, state)}, so its transcripts "
+                        "would be meaningless",
+                        "re-create it from a healthy checkpoint (a diverged fine-tune? lower the learning rate or "
+                        "use an earlier result)")
 
 
 def load_checkpoint_adapter(path: str | Path) -> ModelAdapter:

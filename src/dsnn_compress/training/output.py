@@ -9,6 +9,7 @@ and :func:`dsnn_compress.tool_metadata`. :class:`JsonlLog` appends one JSON obje
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,9 +20,9 @@ from typing import Any, TextIO
 import torch
 
 from .. import tool_metadata
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_output_parent, clean_stale_temps, temp_path, write_error
 from ..core.bundle import Bundle, save_bundle
-from ..errors import DsnnError, UsageError
+from ..errors import UsageError
 from .model_setup import ModelSetup
 from .recipe import Recipe
 from .state import state_path
@@ -50,13 +51,18 @@ class RunOutput:
         return log_path(self.path)
 
     def check(self, resume: bool, force: bool) -> None:
-        """Fail early when the output cannot be written, or would overwrite something without ``force``."""
-        output, state_file = self.path, self.state_file
-        parent = output.parent if str(output.parent) else Path(".")
-        if not parent.is_dir():
-            raise UsageError(f"output directory {parent} does not exist", "create it first")
-        if not os.access(parent, os.W_OK):
-            raise DsnnError(f"output directory {parent} is not writable", "choose a writable location")
+        """Fail early when an output cannot be written, or would overwrite something without ``force``.
+
+        The result, the training state and the log are all checked (none may be a directory; without ``force`` none
+        of the result and the log may exist, and no state of an interrupted run), and the stale temporary files of
+        earlier killed runs are removed (:func:`~dsnn_compress.atomic.clean_stale_temps`), also on ``resume``.
+        """
+        output, state_file, log_file = self.path, self.state_file, self.log_file
+        check_output_parent(output)
+        for path in (output, state_file, log_file):
+            if path.is_dir():
+                raise UsageError(f"output {path} is a directory", "give the output a file name")
+            clean_stale_temps(path)
         if resume:
             if not state_file.is_file():
                 raise UsageError(f"no training state {state_file} to resume from",
@@ -65,23 +71,27 @@ class RunOutput:
         if state_file.exists() and not force:
             raise UsageError(f"a training state {state_file} exists from an interrupted run",
                              "pass --resume to continue it or --force to start over")
-        if output.exists() and not force:
-            raise UsageError(f"output {output} already exists", "pass --force to overwrite it or choose another path")
+        for path in (output, log_file):
+            if path.exists() and not force:
+                raise UsageError(f"output {path} already exists", "pass --force to overwrite it or choose another path")
 
-    def write(self, setup: ModelSetup, codes: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
+    def write(self, setup: ModelSetup, codes: dict[str, torch.Tensor], training: dict[str, Any],
+              path: Path | None = None) -> None:
         """Write the model of ``setup`` with ``codes`` as a bundle (with no sparse levels: a dense checkpoint).
 
-        ``training`` is the run's record (steps, final loss, dev WER, ...) stored in the file's metadata.
+        ``training`` is the run's record (steps, final loss, dev WER, ...) stored in the file's metadata; ``path``
+        (default: the result's own) lets a checkpoint stage the file beside its state.
         """
         from ..sources.checkpoint import in_dtypes, save_checkpoint
 
         recipe = self.recipe
+        path = self.path if path is None else path
 
         if not setup.levels:
             extra = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                      "training": json.dumps(training, sort_keys=True),
                      "tool": json.dumps(tool_metadata())}
-            save_checkpoint(setup.adapter, self.path, extra, setup.dtypes)
+            save_checkpoint(setup.adapter, path, extra, setup.dtypes)
             return
         tensors = in_dtypes(setup.adapter.model.state_dict(), setup.dtypes)
         metadata = {
@@ -97,14 +107,22 @@ class RunOutput:
             "training": training,
         }
         save_bundle(Bundle(tensors=tensors, codes={n: c.cpu() for n, c in codes.items()}, levels=setup.levels,
-                           metadata=metadata), self.path)
+                           metadata=metadata), path)
 
 
 class JsonlLog:
-    """The metrics log; a log opened with no file (ranks other than 0) ignores writes."""
+    """The metrics log; a log opened with no file (ranks other than 0) ignores writes.
 
-    def __init__(self, handle: TextIO | None = None) -> None:
+    A new run's log is written under a temporary name (``.dsnn-tmp-<pid>-<random>.NAME.log.jsonl``) and appears
+    under its own name only when :meth:`publish` is called (at the run's first checkpoint or at its end), so a run
+    that fails before either leaves no log; :meth:`discard` removes the unpublished file.
+    """
+
+    def __init__(self, handle: TextIO | None = None, path: Path | None = None, pending: Path | None = None) -> None:
         self.handle = handle
+        self.path = path
+        self.pending = pending
+        """The temporary file being written until :meth:`publish`; None once published (or on resume)."""
 
     @classmethod
     def open(cls, path: Path, resume: bool, step: int = 0) -> JsonlLog:
@@ -114,7 +132,11 @@ class JsonlLog:
         last line from a kill in mid-write); keeping them would give duplicate or unparseable records.
         """
         if not resume:
-            return cls(open(path, "w", encoding="utf-8"))
+            pending = temp_path(path)
+            try:
+                return cls(open(pending, "w", encoding="utf-8"), path, pending)
+            except OSError as exc:
+                raise write_error(path, exc) from exc
         kept: list[str] = []
         if path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -127,17 +149,42 @@ class JsonlLog:
                     kept.append(line)
         with atomic_path(path) as tmp:
             Path(tmp).write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        return cls(open(path, "a", encoding="utf-8"))
+        try:
+            return cls(open(path, "a", encoding="utf-8"), path)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` with the wall-clock ``time``, flushed (a kill loses at most the line being written)."""
         if self.handle is None:
             return
-        self.handle.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
+            self.handle.flush()
+        except OSError as exc:
+            raise write_error(self.path or Path(self.handle.name), exc) from exc
+
+    def publish(self) -> None:
+        """Give the log its own name (idempotent); the open handle keeps appending to the same file."""
+        if self.pending is None or self.path is None:
+            return
+        try:
+            os.replace(self.pending, self.path)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
+        self.pending = None
+
+    def discard(self) -> None:
+        """Close and remove the log if it was never published (a run that failed before its first checkpoint)."""
+        self.close()
+        if self.pending is not None:
+            with contextlib.suppress(OSError):
+                self.pending.unlink()
+            self.pending = None
 
     def close(self) -> None:
         """Close the file (idempotent)."""
         if self.handle is not None:
-            self.handle.close()
+            with contextlib.suppress(OSError):  # a flush error was reported by the write that met it
+                self.handle.close()
             self.handle = None

@@ -63,8 +63,8 @@ class TrainState:
     def save(self, path: Path) -> None:
         """Write atomically (a kill mid-write leaves the previous state intact)."""
         record = {"version": STATE_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
-        with atomic_path(path) as tmp:
-            torch.save(record, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(record, fh)  # through a Python file, a full disk is an OSError naming its cause
 
     @classmethod
     def load(cls, path: Path) -> TrainState:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import StagedOutputs
 from ..core import masked
 from ..core.levels import level_label
 from ..core.schedule import lr_at, sample_levels, should_update_codes
@@ -37,7 +38,7 @@ from ..data.batch import Batch
 from ..data.manifest import read_manifest
 from ..data.prepare import PreparedData, prepare_data
 from ..data.text import normalize_text
-from ..errors import UsageError
+from ..errors import DsnnError, UsageError
 from ..evaluation.scoring import word_errors
 from ..models.base import AdapterRunner
 from .batches import BatchStream, augment
@@ -76,9 +77,13 @@ def finetune(recipe: Recipe, resume: bool = False, force: bool = False, report: 
     starting bundle or checkpoint (``model.init``) when it has them.
     """
     run = Finetuner(recipe, report, verify)
-    run.setup(resume=resume, force=force)
-    run.train(stop_after)
-    return run.finish()
+    try:
+        run.setup(resume=resume, force=force)
+        run.train(stop_after)
+        return run.finish()
+    except BaseException as exc:
+        run.abandon(exc)
+        raise
 
 
 def dev_wer(runner: AdapterRunner, params: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], num_levels: int,
@@ -286,8 +291,10 @@ class Finetuner:
     def checkpoint(self) -> None:
         """Rank 0 writes the training state and the current result file, so a crash can ``--resume``."""
         if self.dist.main:
-            self.snapshot().save(self.out.state_file)
-            self._write_result(self.last_dev)
+            with StagedOutputs() as staged:  # the state and its result replace the previous pair together
+                self.snapshot().save(staged.file(self.out.state_file))
+                self._write_result(self.last_dev, path=staged.file(self.out.path))
+            self.log.publish()  # from now on the state, the result and the log make a run that --resume continues
             self.emit("checkpoint", {"step": self.step, "path": str(self.out.state_file)})
             self.log.write({"event": "checkpoint", "step": self.step})
         barrier(self.dist)
@@ -309,23 +316,41 @@ class Finetuner:
         A run stopped early by ``stop_after`` writes nothing more: its last checkpoint stays, as after a crash.
         """
         if self.step < self.total_steps:
-            self.log.close()
+            self.log.discard()  # an unpublished log (no checkpoint yet) has nothing to resume; a published one stays
             return self.result()
         if self.dist.main:
             best = self.best if self.cfg.keep == "best" else None
             if best is not None:
                 self.model.load_state_dict({k: v.to(self.device) for k, v in best["model"].items()})
                 self.codes = {n: c.to(self.device) for n, c in best["codes"].items()}
+            # the log's last record first: a failure then leaves no result without its log (all or nothing)
+            self.log.write({"event": "end", "step": self.step, "output": str(self.out.path)})
             # with keep=best the bundle holds the best step's weights: record that step's dev WER, not the last one
             self._write_result(best.get("dev_wer", self.last_dev) if best is not None else self.last_dev,
                                best_step=self.best["step"] if self.best else None)
+            self.log.publish()
+            self.log.close()
             if self.out.state_file.exists():
                 self.out.state_file.unlink()
-            self.log.write({"event": "end", "step": self.step, "output": str(self.out.path)})
-            self.log.close()
             self.emit("end", {"output": str(self.out.path), "steps": self.step, "dev_wer": self.last_dev})
         barrier(self.dist)
         return self.result()
+
+    def abandon(self, exc: BaseException) -> None:
+        """After a failure: leave nothing new, unless a checkpoint of this run can be resumed.
+
+        Before the run's first checkpoint the unpublished log is removed (the state and its result are written only
+        at checkpoints, together: :class:`~dsnn_compress.atomic.StagedOutputs`), so the failed run leaves no file.
+        After one, the state, its result and the log stay for ``--resume``, and an error reported to the user says so.
+        """
+        log = getattr(self, "log", None)
+        if log is None:
+            return
+        resumable = log.pending is None and self.out.state_file.is_file()
+        log.discard()
+        if resumable and isinstance(exc, DsnnError) and self.dist.main:
+            note = f"the training state {self.out.state_file} is kept: rerun with --resume to continue"
+            exc.hint = f"{exc.hint}; {note}" if exc.hint else note
 
     def result(self) -> FinetuneResult:
         """The run's outcome so far."""
@@ -342,7 +367,7 @@ class Finetuner:
         self.log.write(record)
         self.emit(event, record)
 
-    def _write_result(self, dev: list[float] | None, best_step: int | None = None) -> None:
+    def _write_result(self, dev: list[float] | None, best_step: int | None = None, path: Path | None = None) -> None:
         training = {"steps": self.step, "final_loss": self.last_losses, "world_size": self.dist.world,
                     "best_step": best_step, "dev_wer": None if dev is None else self._labelled(dev)}
-        self.out.write(self.model_setup, self.codes, training)
+        self.out.write(self.model_setup, self.codes, training, path)
