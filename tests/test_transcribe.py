@@ -57,7 +57,8 @@ def test_json_output(tiny_model, expected, capsys):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, *FILES, "--level", "0.9", "--json")
     assert code == 0, err
     items = json.loads(stdout)
-    assert [set(item) for item in items] == [{"file", "level", "text"}] * len(FILES)
+    assert [set(item) for item in items] == [{"file", "level", "trained", "text"}] * len(FILES)
+    assert [item["trained"] for item in items] == [True] * len(FILES)
     assert [item["file"] for item in items] == [str(p) for p in FILES]
     assert [item["level"] for item in items] == [0.9] * len(FILES)
     assert [item["text"] for item in items] == expected[0.9]

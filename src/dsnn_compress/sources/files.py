@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..core.compressed import decompress_state_dict
 from ..core.safetensors_io import read_safetensors
 from ..errors import DsnnError
 
@@ -125,7 +126,7 @@ def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, st
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
-        return tensors, metadata, []
+        return decompress_state_dict(tensors, metadata), metadata, []
     if path.suffix in TORCH_SUFFIXES:
         tensors, skipped = read_torch_file(path)
         return tensors, {}, skipped

@@ -32,6 +32,7 @@ import torch
 
 from ..core.bundle import FORMAT_NAME as BUNDLE_FORMAT
 from ..core.bundle import Bundle, load_bundle
+from ..core.compressed import decompress_state_dict
 from ..core.levels import Levels
 from ..core.safetensors_io import read_safetensors, read_safetensors_metadata
 from ..errors import DsnnError, UsageError
@@ -199,7 +200,7 @@ def _read_safetensors_file(path: Path) -> Source:
     if metadata.get("format") == CHECKPOINT_FORMAT or MODEL_METADATA_KEY in metadata:
         return _read_checkpoint(path)
     tensors, metadata = read_safetensors(path)
-    return Source(path, "safetensors", tensors, path, file_metadata=metadata)
+    return Source(path, "safetensors", decompress_state_dict(tensors, metadata), path, file_metadata=metadata)
 
 
 def _read_bundle(path: Path) -> Source:
@@ -212,6 +213,7 @@ def _read_bundle(path: Path) -> Source:
 def _read_checkpoint(path: Path) -> Source:
     tensors, metadata = read_safetensors(path)
     check_checkpoint_metadata(path, metadata)
+    tensors = decompress_state_dict(tensors, metadata)
     try:
         meta = json.loads(metadata[MODEL_METADATA_KEY])
     except json.JSONDecodeError as exc:
