@@ -109,7 +109,9 @@ def fp32_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("compressed")
     gen = torch.Generator().manual_seed(5)
     state = {"enc.q.weight": torch.randn(256, 256, generator=gen),
-             "enc.ff1.weight": torch.randn(512, 256, generator=gen), "enc.ff2.weight": torch.randn(256, 512, generator=gen), "enc.ff2.bias": torch.randn(256, generator=gen),
+             "enc.ff1.weight": torch.randn(512, 256, generator=gen),
+             "enc.ff2.weight": torch.randn(256, 512, generator=gen),
+             "enc.ff2.bias": torch.randn(256, generator=gen),
              **random_state_dict(5, scale=2)}
     checkpoint = write_checkpoint(root / "dense.safetensors", state)
     return prune_checkpoint(checkpoint, [0.5, 0.7, 0.9], root / "bundle.safetensors")
