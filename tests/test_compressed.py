@@ -76,13 +76,17 @@ def test_bitmask_decodes_with_the_compressed_tensors_library():
 
 def test_only_weights_that_get_smaller_are_compressed():
     state = {"a.weight": torch.zeros(8, 64), "b.weight": torch.randn(8, 64), "c.weight": torch.zeros(64, 1),
-             "d.bias": torch.zeros(64), "e.weight": torch.zeros(4, 16)}
+             "d.bias": torch.zeros(64), "e.weight": torch.zeros(4, 16), "f.weight": torch.zeros(16, 32, 1)}
     state["a.weight"][0, :3] = 1.0
-    stored, meta = compress_state_dict(state, ["a.weight", "b.weight", "c.weight", "d.bias"])
-    # b is dense (no gain), c has one mask byte per weight plus offsets (no gain), d and e are no candidates
-    assert json.loads(meta[COMPRESSION_KEY]) == {"format": "sparse-bitmask", "tensors": ["a.weight"]}
+    state["f.weight"][3, 5:9, 0] = -2.0
+    stored, meta = compress_state_dict(state, ["a.weight", "b.weight", "c.weight", "d.bias", "f.weight"])
+    # b is dense (no gain), c has one mask byte per weight plus offsets (no gain), d and e are no candidates; the
+    # pointwise convolution f is compressed as its 2-D view [16, 32] and its shape recorded
+    assert json.loads(meta[COMPRESSION_KEY]) == {"format": "sparse-bitmask", "tensors": ["a.weight", "f.weight"],
+                                                 "shapes": {"f.weight": [16, 32, 1]}}
     assert sorted(stored) == ["a.bitmask", "a.compressed", "a.row_offsets", "a.shape", "b.weight", "c.weight",
-                              "d.bias", "e.weight"]
+                              "d.bias", "e.weight", "f.bitmask", "f.compressed", "f.row_offsets", "f.shape"]
+    assert stored["f.shape"].tolist() == [16, 32] and list(stored["f.bitmask"].shape) == [16, 4]
     assert same_bits(decompress_state_dict(stored, meta), state)
 
 

@@ -11,10 +11,12 @@ A weight tensor ``P.weight`` of shape ``[*lead, C]`` is replaced by four tensors
 
 The mask is "the stored bit pattern is not zero": a level's pruned weights are exact ``+0.0``, so they are dropped,
 while a kept ``-0.0`` keeps its sign. Decompression (zeros, then the values scattered where the mask is set) is
-therefore bit-exact. A tensor is stored this way only when that makes it smaller than dense (a pointwise
-convolution with ``C = 1`` needs a whole mask byte per weight), and only for names ending in ``.weight`` (the
-names compressed-tensors decompresses). The safetensors metadata key :data:`COMPRESSION_KEY` lists the compressed
-tensors, so a reader never guesses.
+therefore bit-exact. Only names ending in ``.weight`` are candidates (the names compressed-tensors decompresses), and
+a tensor is stored this way only when that makes it smaller than dense. A weight of more than two dimensions (a
+convolution ``[out, in, k]``) is compressed as its 2-D view ``[out, in * k]``, so that a pointwise convolution
+(``k = 1``) does not pay a mask byte per weight; its own shape is then recorded in the metadata and restored on
+reading (compressed-tensors, which compresses Linear layers only, would return the 2-D view). The safetensors
+metadata key :data:`COMPRESSION_KEY` lists the compressed tensors, so a reader never guesses.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ..errors import DsnnError, UsageError
 
 COMPRESSION_FORMAT = "sparse-bitmask"
 COMPRESSION_KEY = "dsnn_compression"
-"""Safetensors ``__metadata__`` key: JSON ``{"format": "sparse-bitmask", "tensors": [NAME, ...]}``."""
+"""Safetensors ``__metadata__`` key: JSON ``{"format": "sparse-bitmask", "tensors": [NAME, ...], "shapes": {NAME:
+shape}}`` (``shapes``: the tensors of more than two dimensions, stored as their 2-D view)."""
 PARTS = ("shape", "compressed", "bitmask", "row_offsets")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
@@ -105,8 +108,9 @@ def compress_state_dict(state: Mapping[str, torch.Tensor], candidates: Iterable[
         check_dtype(name, state[name])
     stored: dict[str, torch.Tensor] = dict(state)
     compressed: list[str] = []
+    shapes: dict[str, list[int]] = {}
     for name in chosen:
-        tensor = state[name]
+        tensor = state[name] if state[name].dim() <= 2 else state[name].reshape(state[name].shape[0], -1)
         kept = int(keep_mask(tensor).sum())
         if tensor.dim() == 0 or compressed_bytes(tensor.shape, kept, tensor.element_size()) \
                 >= tensor.numel() * tensor.element_size():
@@ -117,8 +121,12 @@ def compress_state_dict(state: Mapping[str, torch.Tensor], candidates: Iterable[
         for part, value in compress_tensor(tensor).items():
             stored[f"{prefix_of(name)}.{part}"] = value
         compressed.append(name)
-    meta = {COMPRESSION_KEY: json.dumps({"format": COMPRESSION_FORMAT, "tensors": compressed}, sort_keys=True)}
-    return stored, meta
+        if state[name].dim() > 2:
+            shapes[name] = list(state[name].shape)
+    record: dict[str, Any] = {"format": COMPRESSION_FORMAT, "tensors": compressed}
+    if shapes:
+        record["shapes"] = shapes
+    return stored, {COMPRESSION_KEY: json.dumps(record, sort_keys=True)}
 
 
 def compression_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
@@ -131,7 +139,7 @@ def compression_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         record = None
     if not isinstance(record, dict) or record.get("format") != COMPRESSION_FORMAT \
-            or not isinstance(record.get("tensors"), list):
+            or not isinstance(record.get("tensors"), list) or not isinstance(record.get("shapes", {}), dict):
         raise DsnnError(f"metadata {COMPRESSION_KEY!r} is not a {COMPRESSION_FORMAT} record", "the file is corrupt")
     return record
 
@@ -148,7 +156,14 @@ def decompress_state_dict(stored: Mapping[str, torch.Tensor], metadata: Mapping[
         missing = [key for key in keys.values() if key not in stored]
         if missing:
             raise DsnnError(f"compressed tensor {name} lacks {missing[0]}", "the file is corrupt")
-        out[str(name)] = decompress_tensor({part: stored[key] for part, key in keys.items()}, str(name))
+        dense = decompress_tensor({part: stored[key] for part, key in keys.items()}, str(name))
+        shape = (record.get("shapes") or {}).get(str(name))
+        if shape is not None:
+            if not isinstance(shape, list) or math.prod(int(v) for v in shape) != dense.numel():
+                raise DsnnError(f"compressed tensor {name} has {dense.numel()} weights, not shape {shape}",
+                                "the file is corrupt")
+            dense = dense.reshape([int(v) for v in shape])
+        out[str(name)] = dense
         for key in keys.values():
             del out[key]
     return out
