@@ -126,7 +126,8 @@ def mib(num: int) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> Table:
-    out = Table(title="bytes on disk per level (MiB): compressed export vs dense export vs bundle", title_justify="left")
+    out = Table(title="bytes on disk per level (MiB): compressed export vs dense export vs bundle",
+                title_justify="left")
     for column in ("model", "level", "bundle", "dense export", "compressed", "compressed / dense",
                    "pruned tensors: compressed / fp32", "/ own dtype", "compressed tensors"):
         out.add_column(column, justify="left" if column == "model" else "right")
