@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += conformer(tmp, fp32=True)
         if not args.skip_hf:
             rows += wav2vec2_base(tmp)
-    Console().print(table(rows))
+    Console(width=160).print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 

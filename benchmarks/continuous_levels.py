@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         table.add_row(f"{r['level']:g}" + ("" if r["trained"] else "*"), f"{100 * r['wer']:.2f}",
                       f"{100 * r['cer']:.2f}", f"{r['nonzero_params']:,}")
-    console = Console()
+    console = Console(width=160)
     console.print(table)
     notes = monotone_report(rows)
     console.print("non-monotone steps: " + ("; ".join(notes) if notes else "none (WER never falls as s grows)"))
