@@ -347,9 +347,9 @@ def test_unwritable_output_directory_reported_before_work(
 @pytest.mark.parametrize(
     ("args", "expected_code", "fragment"),
     [
-        (["--level", "0.6"], 2, "choose one of 0, 0.5, 0.7, 0.9"),
+        (["--level", "0.95"], 2, "choose a level between 0 and 0.9 (trained: 0, 0.5, 0.7, 0.9)"),
         (["--level", "abc"], 2, "not a number"),
-        (["--level", "1.5"], 2, "outside [0, 1)"),
+        (["--level", "1.5"], 2, "level 1.5 is outside [0, 0.9]"),
         (["--level", "0.7", "--format", "zip"], 2, "unknown export format"),
         (["--level", "0.7", "--format", "onnx"], 1, "carries no model description"),
         (["--level", "0.7", "--bogus"], 2, "No such option: --bogus"),

@@ -37,8 +37,8 @@ from dsnn_compress.prune import prune_checkpoint
 
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
                "gates", "kernels"}
-LEVEL_KEYS = {"level", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds", "processing_seconds",
-              "rtfx", "utterances_scored", "utterances_skipped", "decodes_capped", "kernels"}
+LEVEL_KEYS = {"level", "trained", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds",
+              "processing_seconds", "rtfx", "utterances_scored", "utterances_skipped", "decodes_capped", "kernels"}
 COUNT_KEYS = {"substitutions", "deletions", "insertions", "hits", "reference_length", "rate"}
 REFERENCES = [normalize_text(u.text) for u in read_manifest(MANIFEST)]
 IDS = [u.id for u in read_manifest(MANIFEST)]
@@ -208,8 +208,8 @@ def test_hypotheses_are_normalised_before_scoring(tiny_model, monkeypatch):
 def test_level_selection(tiny_model):
     rep = evaluate(tiny_model.bundle, MANIFEST, "0.9, 0,90%")
     assert [e["level"] for e in rep["levels"]] == [0.9, 0.0]
-    with pytest.raises(UsageError, match="level 0.7 is not in"):
-        evaluate(tiny_model.bundle, MANIFEST, "0.7")
+    with pytest.raises(UsageError, match=r"level 0.95 is outside \[0, 0.9\]"):
+        evaluate(tiny_model.bundle, MANIFEST, "0.95")
     with pytest.raises(UsageError):
         evaluate(tiny_model.bundle, MANIFEST, "0.5", batch_frames=0)
 

@@ -384,6 +384,38 @@ def test_export_hf_matches_the_runtime_level(models, kind, tmp_path, capsys):
     assert hf_text == ours_text
 
 
+def test_compressed_hf_export_is_read_back_bit_exact(models, tmp_path, capsys):
+    """``--format hf --compress``: a sparse-bitmask ``model.safetensors`` plus ``quantization_config`` in
+    ``config.json``; dsnn's loader (evaluate/transcribe) reads it back bit-exactly, also at a continuous level."""
+    bundle = load_bundle(models["w2v-group"]["bundle"])
+    for level in ("0.9", "0.7"):
+        out_dir, dense_dir = tmp_path / f"c{level}", tmp_path / f"d{level}"
+        for target, extra in ((out_dir, ["--compress"]), (dense_dir, [])):
+            code, _, err = run_cli(capsys, "export", models["w2v-group"]["bundle"], "--level", level, "--format", "hf",
+                                   "-o", target, *extra)
+            assert code == 0, err
+        config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "compressed-tensors"
+        assert config["sparsity_config"]["format"] == "sparse-bitmask"
+        assert sorted(config["sparsity_config"]["targets"]) == sorted(n[:-7] for n in bundle.codes)
+        with safe_open(str(out_dir / "model.safetensors"), "pt") as fh:
+            names = set(fh.keys())
+        assert not any(n in names for n in bundle.codes)
+        assert all(f"{n[:-7]}.bitmask" in names for n in bundle.codes)
+        assert (out_dir / "model.safetensors").stat().st_size < 0.8 * (dense_dir / "model.safetensors").stat().st_size
+        source = open_source(out_dir)
+        expected = bundle.state_dict_at(float(level))
+        assert source.runnable and set(source.tensors) == set(expected)
+        assert all(torch.equal(source.tensors[n].view(torch.uint8), expected[n].contiguous().view(torch.uint8))
+                   if expected[n].is_floating_point() else torch.equal(source.tensors[n], expected[n])
+                   for n in expected)
+    code, stdout, err = run_cli(capsys, "evaluate", tmp_path / "c0.9", "--data", MANIFEST, "--json", "-")
+    assert code == 0, err
+    report = json.loads(stdout)
+    from dsnn_compress.evaluation.evaluate import evaluate
+    assert report["levels"][0]["wer"] == evaluate(models["w2v-group"]["bundle"], MANIFEST, "0.9")["levels"][0]["wer"]
+
+
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch, inside WavLM attention
 @pytest.mark.parametrize("kind", ["wavlm", "data2vec"])
 def test_other_architectures_prune_and_export(kind, tmp_path, capsys):

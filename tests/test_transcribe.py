@@ -57,7 +57,8 @@ def test_json_output(tiny_model, expected, capsys):
     code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, *FILES, "--level", "0.9", "--json")
     assert code == 0, err
     items = json.loads(stdout)
-    assert [set(item) for item in items] == [{"file", "level", "text"}] * len(FILES)
+    assert [set(item) for item in items] == [{"file", "level", "trained", "text"}] * len(FILES)
+    assert [item["trained"] for item in items] == [True] * len(FILES)
     assert [item["file"] for item in items] == [str(p) for p in FILES]
     assert [item["level"] for item in items] == [0.9] * len(FILES)
     assert [item["text"] for item in items] == expected[0.9]
@@ -88,14 +89,14 @@ def test_plain_checkpoint_transcribes_densely(tiny_model, expected, capsys):
     assert "0.5" in assert_one_error_line(err)
 
 
-def test_level_not_in_bundle_is_a_usage_error(tiny_model, capsys):
-    for level in ("0.7", "1.5", "lots"):
+def test_level_outside_the_bundle_range_is_a_usage_error(tiny_model, capsys):
+    for level in ("0.95", "1.5", "lots"):
         code, stdout, err = run_cli(capsys, "transcribe", tiny_model.bundle, FILES[0], "--level", level)
         assert code == 2
         assert_one_error_line(err)
         assert stdout == ""
-    with pytest.raises(UsageError, match="0.7"):
-        transcribe(tiny_model.bundle, FILES[:1], 0.7)
+    with pytest.raises(UsageError, match=r"0.95 is outside \[0, 0.9\]"):
+        transcribe(tiny_model.bundle, FILES[:1], 0.95)
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "empty"])

@@ -141,7 +141,8 @@ def inspect(
 @app.command()
 def export(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A DSNN bundle.")],
-    level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense), or 'all'.")],
+    level: Annotated[str, typer.Option("--level", help="Level to export, e.g. 0.7 (0 = dense; any value up to the "
+                                                       "largest level), or 'all' (the trained levels).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file (with --level all: the name "
                                                                 "pattern, e.g. model.onnx -> model-0.7.onnx).")],
     fmt: Annotated[str | None, typer.Option("--format", help="safetensors | torch | checkpoint | onnx | hf "
@@ -149,13 +150,16 @@ def export(
                                                                  "save_pretrained directory).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     verify: VerifyOption = True,
+    compress: Annotated[bool, typer.Option("--compress", help="Store pruned weights in compressed-tensors' "
+                                                               "sparse-bitmask layout (safetensors, checkpoint, "
+                                                               "hf).")] = False,
 ) -> None:
     """Write a level as a plain state dict, a self-describing checkpoint, ONNX or a Hugging Face directory."""
     from .export.formats import export_bundle
 
     with progress() as bar:
         bar.add_task("exporting", total=None, info=str(output))
-        written = export_bundle(bundle_path, level, output, fmt, force, verify)
+        written = export_bundle(bundle_path, level, output, fmt, force, compress, verify=verify)
     for path in written:
         err.print(f"wrote {path}", highlight=False)
 
@@ -176,7 +180,8 @@ def _write_report_file(path: Path, text: str, staged: StagedOutputs) -> None:
 def evaluate(
     model: Annotated[Path, typer.Argument(metavar="BUNDLE_OR_CHECKPOINT", help="A DSNN bundle or dsnn checkpoint.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Manifest: NeMo .jsonl, Kaldi dir or audiofolder.")],
-    levels: Annotated[str, typer.Option("--levels", help="all, or a comma list such as 0,0.5,0.9.")] = "all",
+    levels: Annotated[str, typer.Option("--levels", help="all (the trained levels), or a comma list such as "
+                                                         "0,0.5,0.8 (any value up to the largest level).")] = "all",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here ('-' = stdout).")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown report here.")] = None,
     max_wer: Annotated[list[str] | None, typer.Option("--max-wer", help="Gate LEVEL:PCT, e.g. 0.9:30 "
@@ -244,7 +249,8 @@ def evaluate(
 def transcribe(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="A DSNN bundle or dsnn checkpoint.")],
     audio: Annotated[list[Path], typer.Argument(metavar="AUDIO...", help="Audio files (WAV/FLAC/OGG).")],
-    level: Annotated[str, typer.Option("--level", help="Sparsity level to run at (0 = dense).")] = "0",
+    level: Annotated[str, typer.Option("--level", help="Sparsity level to run at (0 = dense; any value up to the "
+                                                       "largest trained level).")] = "0",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each) "
                                                                       "instead of the model's.")] = None,

@@ -17,6 +17,7 @@ import torch
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
 from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
+from .continuous import keep_masks
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
@@ -58,20 +59,43 @@ class Bundle:
         """Index (0 = dense) of ``level``, given as a fraction (``0.7``), a percentage (``70%``) or ``dense``."""
         return Levels(self.levels).index(level, "this bundle")
 
+    @property
+    def allocation(self) -> str:
+        """``per-layer`` or ``global`` (how the levels were allocated; it also orders continuous levels)."""
+        return str(self.metadata.get("allocation") or "per-layer")
+
+    def resolve_level(self, level: float | str) -> float:
+        """Any level in [0, largest] (a trained level's stored value when it names one); UsageError otherwise."""
+        return Levels(self.levels).resolve(level, "this bundle")
+
+    def is_trained(self, level: float | str) -> bool:
+        """True when ``level`` is the dense level or a trained level (not one between them)."""
+        return Levels(self.levels).is_trained(self.resolve_level(level))
+
+    def masks_at(self, level: float | str) -> dict[str, torch.Tensor]:
+        """Boolean keep-mask of every pruned tensor at ``level``, trained or continuous (``core.continuous``)."""
+        return keep_masks(self.tensors, self.codes, self.levels, level, self.allocation)
+
     def mask(self, name: str, level: float | str) -> torch.Tensor:
-        """Boolean keep-mask of tensor ``name`` at ``level``."""
-        return self.codes[name] >= self.level_index(level)
+        """Boolean keep-mask of tensor ``name`` at ``level`` (any level in [0, largest])."""
+        if self.is_trained(level):
+            return self.codes[name] >= self.level_index(level)
+        return self.masks_at(level)[name]
 
     def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
-        """A plain state dict at ``level``: every source tensor, pruned weights set to exactly zero."""
-        index = self.level_index(level)
+        """A plain state dict at ``level`` (a trained level or any value between dense and the largest one):
+        every source tensor, pruned weights set to exactly zero."""
+        value = self.resolve_level(level)
+        masks = None if self.is_trained(value) else self.masks_at(value)
+        index = self.level_index(value) if masks is None else -1
         out: dict[str, torch.Tensor] = {}
         for name, tensor in self.tensors.items():
             code = self.codes.get(name)
             if code is None or index == 0:
                 out[name] = tensor
             else:
-                out[name] = torch.where(code >= index, tensor, torch.zeros((), dtype=tensor.dtype))
+                keep = code >= index if masks is None else masks[name]
+                out[name] = torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype))
         return out
 
     def summary(self) -> dict[str, Any]:

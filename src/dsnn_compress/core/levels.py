@@ -18,18 +18,22 @@ LEVEL_TOLERANCE = 1e-6
 """Two level values closer than this are the same level (levels pass through JSON and float formatting)."""
 
 
+def level_number(level: float | str) -> float:
+    """The number a level names (``0.7``, ``70%``, ``dense`` = 0), not yet range-checked."""
+    if not isinstance(level, str):
+        return float(level)
+    text = level.strip().lower()
+    if text in ("dense", "0", "0.0"):
+        return 0.0
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"level {level!r} is not a number", "use a fraction such as 0.7") from None
+
+
 def parse_level(level: float | str) -> float:
     """One level given as ``0.7``, ``70%`` or ``dense`` (= 0), checked to be in [0, 1)."""
-    if isinstance(level, str):
-        text = level.strip().lower()
-        if text in ("dense", "0", "0.0"):
-            return 0.0
-        try:
-            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            raise UsageError(f"level {level!r} is not a number", "use a fraction such as 0.7") from None
-    else:
-        value = float(level)
+    value = level_number(level)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise UsageError(f"level {value:g} is outside [0, 1)", "use a fraction such as 0.7")
     return value
@@ -144,6 +148,39 @@ class Levels:
         chosen: list[float] = []
         for item in wanted:
             value = self.value(item, where)
+            if value not in chosen:
+                chosen.append(value)
+        if not chosen:
+            raise UsageError("no level given", "use --levels all or e.g. --levels 0,0.5,0.9")
+        return chosen
+
+    def resolve(self, level: float | str, where: str = "this model") -> float:
+        """Any level in [0, largest trained level] (continuous levels): a trained level's stored value when
+        ``level`` names one (within :data:`LEVEL_TOLERANCE`), else the value itself; UsageError naming the range
+        otherwise."""
+        value = level_number(level)
+        top = self.all[-1]
+        if not math.isfinite(value) or value < -LEVEL_TOLERANCE or value > top + LEVEL_TOLERANCE:
+            shown = f"{value:g}" if math.isfinite(value) else str(level)
+            raise UsageError(f"level {shown} is outside [0, {top:g}], the range {where} serves",
+                             f"choose a level between 0 and {top:g} (trained: {self.choices()})")
+        for candidate in self.all:
+            if same_level(candidate, value):
+                return candidate
+        return value
+
+    def is_trained(self, level: float) -> bool:
+        """True when ``level`` is the dense level or one of the trained sparse levels."""
+        return any(same_level(candidate, level) for candidate in self.all)
+
+    def select_range(self, spec: str | Sequence[float | str], where: str = "this model") -> list[float]:
+        """Like :meth:`select`, but any level in [0, largest] is accepted (see :meth:`resolve`)."""
+        if isinstance(spec, str) and spec.strip().lower() == "all":
+            return list(self.all)
+        wanted = [p for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
+        chosen: list[float] = []
+        for item in wanted:
+            value = self.resolve(item, where)
             if value not in chosen:
                 chosen.append(value)
         if not chosen:

@@ -19,16 +19,20 @@ import torch
 
 from ..errors import DsnnError
 from .bundle import Bundle
+from .continuous import keep_masks
 from .levels import Levels
 
 
 class DynamicSparsity:
     """A module bound to keep codes; ``set_level`` rewrites pruned parameters in place.
 
-    Create with :func:`attach`. The module's current values are taken as the dense weights.
+    Create with :func:`attach`. The module's current values are taken as the dense weights. Any level in
+    [0, largest trained level] is served: between two trained levels the masks come from
+    :func:`~dsnn_compress.core.continuous.keep_masks` (``allocation`` orders them), nested with the trained ones.
     """
 
-    def __init__(self, module: torch.nn.Module, codes: Mapping[str, torch.Tensor], levels: tuple[float, ...]):
+    def __init__(self, module: torch.nn.Module, codes: Mapping[str, torch.Tensor], levels: tuple[float, ...],
+                 allocation: str = "per-layer"):
         params = dict(module.named_parameters())
         missing = [n for n in codes if n not in params]
         if missing:
@@ -39,51 +43,76 @@ class DynamicSparsity:
                 raise DsnnError(f"parameter {name} has shape {tuple(params[name].shape)}, codes {tuple(code.shape)}")
         self.module = module
         self.levels = levels
+        self.allocation = allocation
         self._params = {n: params[n] for n in codes}
         self._codes = {n: c.to(params[n].device) for n, c in codes.items()}
         self._dense = {n: p.detach().clone() for n, p in self._params.items()}
-        self._index = 0
+        self._level = 0.0
+        self._masks: dict[str, torch.Tensor] | None = None
+        """Keep-masks of the active level when it lies between trained levels (None at a trained level)."""
 
     @property
     def all_levels(self) -> tuple[float, ...]:
-        """Every level including the dense 0."""
+        """Every trained level including the dense 0."""
         return (0.0, *self.levels)
 
     @property
     def level(self) -> float:
-        """The active level."""
-        return self.all_levels[self._index]
+        """The active level (a trained level or a value between two of them)."""
+        return self._level
 
     def level_index(self, level: float | str) -> int:
-        """Index of ``level`` (0 = dense)."""
+        """Index of the trained level ``level`` (0 = dense); UsageError for any other value."""
         return Levels(self.levels).index(level, "this bundle")
+
+    def resolve(self, level: float | str) -> float:
+        """Any level in [0, largest trained level]; UsageError naming the range otherwise."""
+        return Levels(self.levels).resolve(level, "this bundle")
+
+    def is_trained(self, level: float | str) -> bool:
+        """True for the dense level and the trained levels, False for levels between them."""
+        return Levels(self.levels).is_trained(self.resolve(level))
+
+    def _masks_at(self, value: float) -> dict[str, torch.Tensor] | None:
+        if self.is_trained(value):
+            return None
+        return keep_masks(self._dense, self._codes, self.levels, value, self.allocation)
 
     @torch.no_grad()
     def set_level(self, level: float | str) -> None:
-        """Switch the module to ``level``: pruned weights become exactly zero, others take their dense values."""
-        index = self.level_index(level)
+        """Switch the module to ``level`` (any value in [0, largest]): pruned weights become exactly zero, others
+        take their dense values."""
+        value = self.resolve(level)
+        masks = self._masks_at(value)
+        index = self.level_index(value) if masks is None else -1
         for name, param in self._params.items():
             dense = self._dense[name]
             if index == 0:
                 param.copy_(dense)
             else:
+                keep = self._codes[name] >= index if masks is None else masks[name]
                 # written straight into the parameter: no temporary, about 2x faster than where() + copy_()
-                torch.where(self._codes[name] >= index, dense, torch.zeros((), dtype=dense.dtype), out=param.data)
-        self._index = index
+                torch.where(keep, dense, torch.zeros((), dtype=dense.dtype), out=param.data)
+        self._level, self._masks = value, masks
 
     def pruned_count(self) -> int:
         """How many weights the active level prunes (0 at dense)."""
-        if self._index == 0:
+        if self._masks is not None:
+            return sum(int((~mask).sum()) for mask in self._masks.values())
+        index = self.level_index(self._level)
+        if index == 0:
             return 0
-        return sum(int((code < self._index).sum()) for code in self._codes.values())
+        return sum(int((code < index).sum()) for code in self._codes.values())
 
     def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
-        """The module's state dict at ``level`` without changing the active level."""
-        index = self.level_index(level)
+        """The module's state dict at ``level`` (any value in [0, largest]) without changing the active level."""
+        value = self.resolve(level)
+        masks = self._masks_at(value)
+        index = self.level_index(value) if masks is None else -1
         state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         for name, dense in self._dense.items():
-            state[name] = dense.clone() if index == 0 else torch.where(
-                self._codes[name] >= index, dense, torch.zeros((), dtype=dense.dtype))
+            keep = self._codes[name] >= index if masks is None else masks[name]
+            state[name] = dense.clone() if index == 0 else torch.where(keep, dense, torch.zeros((), dtype=dense.dtype))
         return state
 
     def detach(self) -> torch.nn.Module:
@@ -100,4 +129,4 @@ def attach(module: torch.nn.Module, bundle: Bundle, load_weights: bool = True) -
             name = (result.missing_keys or result.unexpected_keys)[0]
             raise DsnnError(f"bundle and module disagree on tensor {name}",
                             "attach the bundle to the model it was made from")
-    return DynamicSparsity(module, bundle.codes, bundle.levels)
+    return DynamicSparsity(module, bundle.codes, bundle.levels, bundle.allocation)

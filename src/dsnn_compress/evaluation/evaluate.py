@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import tool_metadata
+from ..core.continuous import SCORE
 from ..core.levels import level_label, parse_level, same_level
 from ..data.batch import pad_batch
 from ..data.dataset import bucket_batches
@@ -27,8 +28,11 @@ DEFAULT_BATCH_FRAMES = 30_000
 
 
 def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> list[float]:
-    """Levels to evaluate: ``all`` or a comma list, each present in the model."""
-    return loaded.level_set().select(spec, loaded.path.name)
+    """Levels to evaluate: ``all`` (the trained ones) or a comma list of levels in [0, largest]; a level between
+    two trained levels is served by continuous levels (``core.continuous``)."""
+    if loaded.sparsity is None:
+        return loaded.level_set().select(spec, loaded.path.name)
+    return loaded.level_set().select_range(spec, loaded.path.name)
 
 
 def transcribe_waveforms(loaded: LoadedModel, waves: Sequence[np.ndarray], ids: Sequence[str]) -> list[str]:
@@ -126,6 +130,7 @@ def evaluate(
         audio_seconds = float(sum(data.seconds))
         results.append({
             "level": level,
+            "trained": loaded.is_trained(level),
             "wer": words.rate,
             "cer": chars.rate,
             "words": words.to_dict(),
@@ -153,6 +158,9 @@ def evaluate(
         "levels": results,
         "skipped": data.skipped,
     }
+    if not all(entry["trained"] for entry in results):
+        report["continuous_levels"] = {"score": SCORE, "allocation": loaded.sparsity.allocation if loaded.sparsity
+                                       else None}
     if details:
         report["utterances"] = [
             {"id": uid, "reference": ref, "hypotheses": {f"{lv:g}": hypotheses[lv][i] for lv in chosen}}

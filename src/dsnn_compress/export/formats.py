@@ -13,12 +13,14 @@ import torch
 
 from ..atomic import StagedOutputs, atomic_path, check_output_parent, check_output_path
 from ..core.bundle import Bundle
-from ..core.levels import level_tag, parse_level
+from ..core.compressed import compress_state_dict
+from ..core.levels import level_number, level_tag
 from ..core.safetensors_io import write_safetensors
 from ..errors import DsnnError, UsageError
 from ..models.registry import adapter_from_metadata, get_family
 from ..sources.checkpoint import save_checkpoint
 from ..sources.opener import open_source
+from .compressed import check_compress_format, write_compressed_directory
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf", "ct2")
 DIRECTORY_FORMATS = ("hf", "ct2")
@@ -109,17 +111,26 @@ def source_dtype(bundle: Bundle) -> torch.dtype | None:
     return max(counts, key=lambda d: counts[d]) if counts else None
 
 
-def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> Path:
-    """Write ``level`` of ``bundle`` to ``output`` in ``fmt`` (default: from the extension)."""
+def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None,
+                 compress: bool = False) -> Path:
+    """Write ``level`` of ``bundle`` (a trained level or any level in [0, largest]) to ``output`` in ``fmt``
+    (default: from the extension); ``compress`` stores the pruned weights in the sparse-bitmask layout
+    (:mod:`.compressed`)."""
     out = Path(output)
     fmt = infer_format(out, fmt)
-    value = bundle.all_levels[bundle.level_index(level)]
+    value = bundle.resolve_level(level)
+    if compress:
+        check_compress_format(fmt)
     if fmt == "safetensors":
         metadata = {"format": "pt", "dsnn_level": f"{value:g}"}
         source = bundle.metadata.get("source")
         if isinstance(source, dict) and source.get("sha256"):
             metadata["dsnn_source_sha256"] = str(source["sha256"])
-        write_safetensors(out, bundle.state_dict_at(value), metadata)
+        state = bundle.state_dict_at(value)
+        if compress:
+            state, extra = compress_state_dict(state, bundle.codes)
+            metadata.update(extra)
+        write_safetensors(out, state, metadata)
     elif fmt == "torch":
         with atomic_path(out) as tmp, open(tmp, "wb") as fh:
             # through a Python file: a full disk is an OSError (ENOSPC), not torch's "[enforce fail at ...]"
@@ -128,7 +139,12 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
         extra = {"dsnn_level": f"{value:g}",
                  "exported_from": json.dumps({"levels": list(bundle.levels), "level": value}, sort_keys=True)}
         save_checkpoint(_adapter_at(bundle, value, fmt)[0], out, extra,
-                        {name: tensor.dtype for name, tensor in bundle.tensors.items()})
+                        {name: tensor.dtype for name, tensor in bundle.tensors.items()},
+                        compress=list(bundle.codes) if compress else None)
+    elif fmt in DIRECTORY_FORMATS and compress:
+        adapter, family = _adapter_at(bundle, value, fmt)
+        write_compressed_directory(family.save_hf, adapter, out, value, source_dtype(bundle), bundle.codes,
+                                   level_sparsity(bundle, value))
     elif fmt in DIRECTORY_FORMATS:
         adapter, family = _adapter_at(bundle, value, fmt)
         getattr(family, f"save_{fmt}")(adapter, out, level=value, dtype=source_dtype(bundle))
@@ -139,7 +155,15 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
     return out
 
 
-def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None) -> list[Path]:
+def level_sparsity(bundle: Bundle, level: float) -> float:
+    """Fraction of all floating-point parameters that ``level`` prunes."""
+    total = sum(t.numel() for t in bundle.tensors.values() if t.is_floating_point())
+    pruned = sum(int((~mask).sum()) for mask in bundle.masks_at(level).values())
+    return pruned / total if total else 0.0
+
+
+def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: str | None = None,
+                  compress: bool = False) -> list[Path]:
     """Export one level, or with ``level == "all"`` every level to :func:`level_output_path` files.
 
     All or nothing: every file (or directory) is written under a temporary name first and the set is moved into
@@ -152,19 +176,21 @@ def export_levels(bundle: Bundle, level: float | str, output: str | Path, fmt: s
     resolved = infer_format(out, fmt)
     with StagedOutputs() as staged:
         for lv, target in zip(wanted, targets, strict=True):
-            export_level(bundle, lv, staged.file(target), resolved)
+            export_level(bundle, lv, staged.file(target), resolved, compress)
     return targets
 
 
 def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: str | None = None,
-                  force: bool = False, verify: bool = True) -> list[Path]:
+                  force: bool = False, compress: bool = False, *, verify: bool = True) -> list[Path]:
     """``dsnn export``: check the level and every output path first, then write the level(s) of the bundle
     (``verify``: after checking the bundle's checksums)."""
     out = Path(output)
     every = level.strip().lower() == "all"
     if not every:
-        parse_level(level)
+        level_number(level)  # a bad spelling fails before the bundle is read
     resolved = infer_format(out, fmt)
+    if compress:
+        check_compress_format(resolved)
     check = check_output_dir if resolved in DIRECTORY_FORMATS else check_output_path
     if every:
         check_output_parent(out)  # the file names depend on the bundle's levels: checked once it is read
@@ -175,5 +201,5 @@ def export_bundle(bundle_path: str | Path, level: str, output: str | Path, fmt: 
         for target in (level_output_path(out, lv) for lv in bundle.all_levels):
             check(target, force)
     else:
-        bundle.level_index(level)
-    return export_levels(bundle, level, out, resolved)
+        bundle.resolve_level(level)
+    return export_levels(bundle, level, out, resolved, compress)

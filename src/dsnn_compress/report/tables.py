@@ -128,11 +128,26 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
+UNTRAINED_MARK = "*"
+UNTRAINED_NOTE = ("* a continuous level between two trained levels (not trained itself; masks from the keep codes "
+                  "and the dense magnitudes, nested with the trained levels)")
+
+
+def evaluated_level_label(entry: dict[str, Any]) -> str:
+    """The level label of an evaluation entry, marked with ``*`` when the level was not trained."""
+    return level_label(entry["level"]) + ("" if entry.get("trained", True) else UNTRAINED_MARK)
+
+
+def _has_untrained(report: dict[str, Any]) -> bool:
+    return any(not entry.get("trained", True) for entry in report["levels"])
+
+
 def evaluation_table(report: dict[str, Any]) -> Table:
     """WER/CER per level with S/D/I, nonzero parameters and RTFx."""
     model = report["model"]
     table = Table(title=f"{model['path']} on {report['data']['path']} (normaliser: {report['normalizer']})",
-                  title_justify="left")
+                  title_justify="left", caption=UNTRAINED_NOTE if _has_untrained(report) else None,
+                  caption_justify="left")
     bounded = _bounded(report)
     sparse = _sparse_kernels(report)
     columns = ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped")
@@ -141,7 +156,7 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     for entry in report["levels"]:
         words = entry["words"]
         table.add_row(
-            level_label(entry["level"]), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
+            evaluated_level_label(entry), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
             str(words["substitutions"]),
             str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
             f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
@@ -193,14 +208,17 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
     for e in report["levels"]:
         w = e["words"]
         rtfx = f"{e['rtfx']:.1f}" if e["rtfx"] else "-"
+        label = evaluated_level_label(e).replace("*", "\\*")
         lines.append(
-            f"| {level_label(e['level'])} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
+            f"| {label} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
             f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
             f"{e['utterances_skipped']} |"
         )
     if _sparse_kernels(report):
         counts = ", ".join(f"{level_label(e['level'])}: {_sparse_count(report, e)}" for e in report["levels"])
         lines += ["", f"Layers computing with sparse weights ({_kernels_caption(report)}): {counts}."]
+    if _has_untrained(report):
+        lines += ["", "\\" + UNTRAINED_NOTE + "."]
     if _bounded(report):
         capped = ", ".join(f"{level_label(e['level'])}: {e.get('decodes_capped', 0)}" for e in report["levels"])
         lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
+from ..core.compressed import compress_state_dict
 from ..core.safetensors_io import write_safetensors
 from ..errors import DsnnError
 from ..models.base import ModelAdapter
@@ -54,10 +55,11 @@ def in_dtypes(state: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtyp
 
 def save_checkpoint(
     adapter: ModelAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None,
-    dtypes: Mapping[str, torch.dtype] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None, compress: Iterable[str] | None = None,
 ) -> None:
     """Write ``adapter``'s model as a self-describing dsnn checkpoint, atomically (tensors in ``dtypes`` where
-    given, e.g. the source's)."""
+    given, e.g. the source's; the ``compress`` tensors in the sparse-bitmask layout of ``core.compressed``, which
+    the opener decompresses)."""
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -70,6 +72,9 @@ def save_checkpoint(
             raise ValueError(f"checkpoint metadata must map str to str (got {key!r}: {type(value).__name__})")
         metadata[key] = value
     tensors = in_dtypes(adapter.model.state_dict(), dtypes)
+    if compress is not None:
+        tensors, compression = compress_state_dict(tensors, compress)
+        metadata.update(compression)
     try:
         write_safetensors(path, tensors, metadata)
     except OSError as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..core.compressed import decompress_state_dict
 from ..core.safetensors_io import open_safetensors
 from ..errors import DsnnError
 
@@ -158,7 +159,7 @@ def read_weights_file(path: Path, verify: bool = True
         except BaseException:
             file.close()
             raise
-        return tensors, dict(file.metadata), [], file.sha256
+        return decompress_state_dict(tensors, file.metadata), dict(file.metadata), [], file.sha256
     if path.suffix in TORCH_SUFFIXES:
         tensors, skipped, digest = read_torch_file(path)
         return tensors, {}, skipped, digest

@@ -33,6 +33,7 @@ import torch
 from ..core.bundle import FORMAT_NAME as BUNDLE_FORMAT
 from ..core.bundle import Bundle, bundle_from_file
 from ..core.checksums import INTEGRITY_NONE
+from ..core.compressed import decompress_state_dict
 from ..core.levels import Levels
 from ..core.safetensors_io import SafetensorsFile, open_safetensors, read_safetensors_metadata
 from ..errors import DsnnError, UsageError
@@ -235,10 +236,10 @@ def _source_of_file(file: SafetensorsFile, verify: bool) -> Source:
             raise DsnnError(f"{path} has malformed model metadata: {exc}", "re-save the checkpoint") from exc
         if not isinstance(meta, dict):
             raise DsnnError(f"{path}: the 'model' metadata is not a JSON object", "re-save the checkpoint")
-        tensors = file.load(verify)
+        tensors = decompress_state_dict(file.load(verify), metadata)
         return Source(path, CHECKPOINT_FORMAT, tensors, path, meta, file_metadata=dict(metadata),
                       integrity=file.integrity)
-    tensors = file.load(verify)
+    tensors = decompress_state_dict(file.load(verify), metadata)
     return Source(path, "safetensors", tensors, path, file_metadata=dict(metadata), integrity=file.integrity)
 
 

@@ -43,8 +43,22 @@ class LoadedModel:
         """The available levels as a :class:`~dsnn_compress.core.levels.Levels`."""
         return Levels(self.sparsity.levels) if self.sparsity else Levels()
 
+    def resolve_level(self, level: float | str) -> float:
+        """The value of ``level``: a trained level or any level between dense and the largest (UsageError naming
+        the range otherwise; a plain checkpoint serves only 0)."""
+        if self.sparsity is not None:
+            return self.sparsity.resolve(level)
+        if parse_level(level) != 0.0:
+            raise UsageError(f"{self.path} is a dense checkpoint with no level {level}",
+                             "evaluate a DSNN bundle to get sparse levels")
+        return 0.0
+
+    def is_trained(self, level: float | str) -> bool:
+        """False for a level between two trained levels of a bundle (served by continuous levels)."""
+        return self.sparsity.is_trained(level) if self.sparsity is not None else True
+
     def set_level(self, level: float | str) -> None:
-        """Switch to ``level`` (only ``0`` for a plain checkpoint)."""
+        """Switch to ``level``: a trained level or any value in [0, largest] (only ``0`` for a plain checkpoint)."""
         if self.sparsity is not None:
             self.sparsity.set_level(level)
             if self.kernels is not None:  # the sparse weights depend on the level's mask: rebuilt on every switch
@@ -124,7 +138,7 @@ def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
     check_finite_weights(adapter.model, source.path)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")
-    sparsity = DynamicSparsity(adapter.model, source.bundle.codes, source.bundle.levels)
+    sparsity = DynamicSparsity(adapter.model, source.bundle.codes, source.bundle.levels, source.bundle.allocation)
     return LoadedModel(adapter, source.path, "bundle", sparsity, source.bundle)
 
 
