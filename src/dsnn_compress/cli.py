@@ -71,8 +71,12 @@ def prune(
     levels: Annotated[str, typer.Option("--levels", "-l", help="Sparse levels, e.g. 0.5,0.7,0.9.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.safetensors).")],
     allocation: Annotated[str, typer.Option(help="per-layer or global.")] = "per-layer",
+    granularity: Annotated[str, typer.Option(help="weight (per-weight magnitude masks) or structured (whole "
+                                                  "neurons/heads/channels: levels export as smaller, faster "
+                                                  "models).")] = "weight",
     include: Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to prune "
-                                                                        "(repeatable).")] = None,
+                                                                        "(structured: on group set names; "
+                                                                        "repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on names to keep dense "
                                                                         "(repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -97,7 +101,7 @@ def prune(
         bundle = prune_checkpoint(checkpoint, parse_levels(levels), output, allocation, _split_patterns(include),
                                   _split_patterns(exclude), command=_command_line(), force=force,
                                   on_progress=lambda done, total: bar.update(task, total=total, completed=done),
-                                  on_stage=on_stage, on_note=notes.append)
+                                  on_stage=on_stage, on_note=notes.append, granularity=granularity)
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
         print(to_json({k: v for k, v in report.items() if k != "tensors"}))
@@ -181,6 +185,8 @@ def evaluate(
                                                                              "same plot (repeatable).")] = None,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each, "
                                                                       "500 = 10 s) instead of the model's.")] = None,
+    compact: Annotated[bool, typer.Option("--compact", help="Structured bundles: run each level as its physically "
+                                                           "smaller model (RTFx of what export writes).")] = False,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import check_report_path
@@ -202,7 +208,8 @@ def evaluate(
             bar.update(task, description=stage, completed=done, total=total)
 
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
-                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx)
+                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
+                              compact=compact)
     if json_path is not None:
         _write_report_file(json_path, to_json(report) + "\n")
     if markdown_path is not None:

@@ -16,6 +16,7 @@ import torch
 
 from .. import tool_metadata
 from ..errors import DsnnError, UsageError
+from .group_format import StructuredLevels, parse_structured
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import read_safetensors, write_safetensors
@@ -25,7 +26,7 @@ FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
 _REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "code_suffix", "pruned", "sparsity", "tool")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
-              "recipe", "evaluation", "training")
+              "recipe", "evaluation", "training", "structured")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Bundle:
     """Sparse levels (the dense level 0 is implicit)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    structured: StructuredLevels | None = None
+    """Group sets and group codes of a structured bundle (None: weight granularity)."""
 
     @property
     def all_levels(self) -> tuple[float, ...]:
@@ -119,6 +122,8 @@ def build_metadata(bundle: Bundle) -> dict[str, str]:
         "sparsity": {k: v for k, v in summary.items() if k != "tensors"},
     })
     meta.setdefault("tool", tool_metadata())
+    if bundle.structured is not None:
+        meta.update({"granularity": "structured", "structured": bundle.structured.to_metadata()})
     out: dict[str, str] = {}
     for key, value in meta.items():
         out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -244,11 +249,16 @@ def load_bundle(path: str | Path) -> Bundle:
         if counts[name] != info.get("pruned"):
             raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
         codes[name] = code
-    if not _mid_schedule(meta):
+    structured = None
+    if meta.get("granularity", "weight") == "structured":
+        structured = parse_structured(src, meta.get("structured"), tensors, codes, levels,
+                                      str(meta.get("allocation", "per-layer")), not _mid_schedule(meta))
+    elif not _mid_schedule(meta):
         _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
     keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "levels", "code_bits",
-                                                        "code_suffix", "pruned", "sparsity")}
-    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src)
+                                                        "code_suffix", "pruned", "sparsity", "granularity",
+                                                        "structured")}
+    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src, structured=structured)

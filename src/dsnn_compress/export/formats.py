@@ -19,6 +19,7 @@ from ..errors import DsnnError, UsageError
 from ..models.registry import adapter_from_metadata, get_family
 from ..sources.checkpoint import save_checkpoint
 from ..sources.opener import open_source
+from ..sources.structured_runtime import compact_adapter
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf", "ct2")
 DIRECTORY_FORMATS = ("hf", "ct2")
@@ -71,6 +72,8 @@ def _adapter_at(bundle: Bundle, level: float, fmt: str):  # noqa: ANN202 - a Mod
                          "choose one of: " + ", ".join(f"--format {f}" for f in ("safetensors", "torch", *formats)))
     adapter = adapter_from_metadata(meta, bundle.state_dict_at(level))
     adapter.model.eval()
+    if bundle.structured is not None and bundle.level_index(level) > 0:  # the level physically smaller
+        adapter = compact_adapter(bundle, adapter, bundle.level_index(level), fmt)
     return adapter, family
 
 
