@@ -9,9 +9,9 @@ from typing import Any
 from . import tool_metadata
 from .atomic import check_output_path
 from .core.bundle import Bundle, save_bundle
+from .core.groups import check_granularity
 from .core.levels import validate_levels
 from .core.masks import compute_codes
-from .core.groups import check_granularity
 from .core.selection import select_prunable
 from .sources.opener import Source, open_source
 from .structured_prune import build_structured_bundle

@@ -72,7 +72,8 @@ def parse_structured(src: Any, meta: Any, tensors: Mapping[str, torch.Tensor], w
     ``check_counts``, every level prunes the groups the allocation rule says.
     """
     bad = "the bundle is corrupt; re-create it with dsnn prune --granularity structured"
-    if not isinstance(meta, dict) or meta.get("version") != STRUCTURED_VERSION or not isinstance(meta.get("groups"), list):
+    if (not isinstance(meta, dict) or meta.get("version") != STRUCTURED_VERSION
+            or not isinstance(meta.get("groups"), list)):
         raise DsnnError(f"{src}: metadata 'structured' is not a version-{STRUCTURED_VERSION} group description", bad)
     num = len(levels)
     specs: list[GroupSpec] = []

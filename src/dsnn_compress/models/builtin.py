@@ -13,14 +13,20 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from ..core.groups import GroupSpec
 from ..data.batch import Batch
 from ..data.features import FeatureConfig, log_mel
 from ..data.text import CharTokenizer, get_normalizer
-from ..core.groups import GroupSpec
 from ..errors import DsnnError, UsageError
 from ..validation import Int, explain, usage_error
-from .builtin_structure import (conformer_compact_config, conformer_groups, conformer_set_widths,
-                                lstm_compact_config, lstm_groups, lstm_compact_refusal)
+from .builtin_structure import (
+    conformer_compact_config,
+    conformer_groups,
+    conformer_set_widths,
+    lstm_compact_config,
+    lstm_compact_refusal,
+    lstm_groups,
+)
 from .conformer import CONFORMER_SIZES, ConformerConfig, ConformerCTC
 from .ctc import greedy_ctc_decode
 from .lstm import LSTM_SIZES, LSTMCTC, LSTMConfig

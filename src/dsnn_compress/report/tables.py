@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..core.bundle import Bundle
 from ..core.levels import level_label
+from .structured import structured_report, structured_table
 
 
 def human_bytes(num: float) -> str:
@@ -57,6 +58,8 @@ def inspect_report(bundle: Bundle, file_size: int | None = None) -> dict[str, An
         "tensors": summary["tensors"],
         "not_pruned": sorted(n for n in bundle.tensors if n not in bundle.codes),
         "evaluation": meta.get("evaluation"),
+        "granularity": "structured" if bundle.structured is not None else "weight",
+        **({"structured": structured_report(bundle)} if bundle.structured is not None else {}),
     }
 
 
@@ -107,6 +110,8 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
     if report.get("model"):
         console.print(f"model: {report['model'].get('family')}")
     console.print(levels_table(report, "levels"))
+    if report.get("structured"):
+        console.print(structured_table(report["structured"]))
     if layers:
         console.print(tensors_table(report, levels))
         if report["not_pruned"]:
