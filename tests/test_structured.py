@@ -212,7 +212,8 @@ def test_inspect_shows_what_each_level_keeps(structured: Path, capsys: pytest.Ca
     bundle = load_bundle(structured)
     for entry in report["structured"]["sets"]:
         codes = bundle.structured.codes[entry["name"]]
-        assert entry["kept"] == {"dense": entry["count"], "0.5": int((codes >= 1).sum()), "0.7": int((codes >= 2).sum())}
+        assert entry["kept"] == {"dense": entry["count"], "0.5": int((codes >= 1).sum()),
+                                 "0.7": int((codes >= 2).sum())}
     code, out, _ = run_cli(capsys, "inspect", structured)
     assert "structures kept per level" in out
 
