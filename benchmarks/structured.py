@@ -74,17 +74,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=0)
     parser.add_argument("--wer-utterances", type=int, default=300)
+    parser.add_argument("--work", type=Path, help="Work directory; bundles and exports already there are reused.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    work = Path(tempfile.mkdtemp(prefix="dsnn-structured-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="dsnn-structured-"))
+    work.mkdir(parents=True, exist_ok=True)
     bundles = {}
     for granularity in ("weight", "structured"):
         path = work / f"{granularity}.safetensors"
-        prune_checkpoint(DENSE, LEVELS, path, granularity=granularity)
+        if not path.exists():
+            prune_checkpoint(DENSE, LEVELS, path, granularity=granularity)
         if args.finetune_steps:
             path = _finetune(path, args.finetune_steps, work)
         bundles[granularity] = path
@@ -102,8 +105,11 @@ def main() -> None:
             if granularity == "weight" and level == 0.0:
                 continue
             key = "dense" if level == 0.0 else f"{granularity}-{level:g}"
-            ckpt = export_level(bundle, level, work / f"{key}.safetensors", "checkpoint")
-            onnx = export_level(bundle, level, work / f"{key}.onnx")
+            ckpt, onnx = work / f"{key}.safetensors", work / f"{key}.onnx"
+            if not (ckpt.exists() and onnx.exists()):  # deterministic: reuse an earlier run's exports
+                export_level(bundle, level, ckpt, "checkpoint")
+                export_level(bundle, level, onnx)
+            print(f"exported {key}", flush=True)
             adapter = load_checkpoint_adapter(ckpt)
             runs[key] = {"granularity": "dense" if level == 0.0 else granularity, "level": level,
                          "model": adapter.model.eval(), "session": ort.InferenceSession(str(onnx), options),
@@ -126,6 +132,7 @@ def main() -> None:
                 run["session"].run(None, feeds)
                 run["ort"].append(time.perf_counter() - start)
     interference = probe.stop()
+    print("timed", flush=True)
 
     switch = {"weight_in_place": [], "structured_views": [], "load_exported_checkpoint": []}
     views = load_model(bundles["structured"])
