@@ -79,8 +79,12 @@ def prune(
     levels: Annotated[str, typer.Option("--levels", "-l", help="Sparse levels, e.g. 0.5,0.7,0.9.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.safetensors).")],
     allocation: Annotated[str, typer.Option(help="per-layer or global.")] = "per-layer",
+    granularity: Annotated[str, typer.Option(help="weight (per-weight magnitude masks) or structured (whole "
+                                                  "neurons/heads/channels: levels export as smaller, faster "
+                                                  "models).")] = "weight",
     include: Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to prune "
-                                                                        "(repeatable).")] = None,
+                                                                        "(structured: on group set names; "
+                                                                        "repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on names to keep dense "
                                                                         "(repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -106,7 +110,7 @@ def prune(
         bundle = prune_checkpoint(checkpoint, parse_levels(levels), output, allocation, _split_patterns(include),
                                   _split_patterns(exclude), command=_command_line(), force=force,
                                   on_progress=lambda done, total: bar.update(task, total=total, completed=done),
-                                  on_stage=on_stage, on_note=notes.append, verify=verify)
+                                  on_stage=on_stage, on_note=notes.append, verify=verify, granularity=granularity)
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
         print(to_json({k: v for k, v in report.items() if k != "tensors"}))
@@ -202,6 +206,8 @@ def evaluate(
                                                            "levels (sparse: CSR weights; auto: the faster per layer, "
                                                            "timed at load).")] = "dense",
     verify: VerifyOption = True,
+    compact: Annotated[bool, typer.Option("--compact", help="Structured bundles: run each level as its physically "
+                                                           "smaller model (RTFx of what export writes).")] = False,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import StagedOutputs, check_report_path
@@ -226,7 +232,7 @@ def evaluate(
 
         report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
                               max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
-                              kernels=kernels, verify=verify)
+                              kernels=kernels, verify=verify, compact=compact)
     with StagedOutputs() as staged:  # the report files appear together or not at all
         if json_path is not None:
             _write_report_file(json_path, to_json(report) + "\n", staged)

@@ -12,11 +12,13 @@ from . import tool_metadata
 from .atomic import check_output_path
 from .core.bundle import Bundle, save_bundle
 from .core.finite import describe_nonfinite, nonfinite_tensors
+from .core.groups import check_granularity
 from .core.levels import validate_levels
 from .core.masks import compute_codes
 from .core.selection import select_prunable
 from .errors import DsnnError
 from .sources.opener import Source, open_source
+from .structured_prune import build_structured_bundle
 
 
 def build_bundle(
@@ -27,13 +29,17 @@ def build_bundle(
     exclude: Sequence[str] = (),
     command: Any = None,
     on_progress: Callable[[int, int], None] | None = None,
+    granularity: str = "weight",
 ) -> Bundle:
     """Rank the selected tensors of ``source`` once and encode every level as keep codes.
 
     Without ``include`` patterns, a source that describes its model prunes the model's own default set
     (``adapter.default_prunable()``); any other source prunes what the generic name rules select.
+    ``granularity="structured"`` ranks the family's structured groups instead (``docs/structured.md``).
     """
     levels = validate_levels(list(levels))
+    if check_granularity(granularity) == "structured":
+        return build_structured_bundle(source, levels, allocation, include, exclude, command)
     defaults = None if include or not source.runnable else source.adapter().default_prunable()
     names = select_prunable(source.tensors, include, exclude, defaults)
     check_finite(source.tensors)
@@ -66,6 +72,7 @@ def prune_checkpoint(
     on_stage: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     verify: bool = True,
+    granularity: str = "weight",
 ) -> Bundle:
     """Open the dense ``checkpoint``, build the bundle and write it atomically to ``output``.
 
@@ -75,13 +82,14 @@ def prune_checkpoint(
     checksums of a checkpoint written by dsnn (an exported level) before it is pruned.
     """
     check_output_path(output, force)
+    check_granularity(granularity)
     stage = on_stage or _ignore
     stage("loading")
     source = open_source(checkpoint, allow_bundle=False, role="checkpoint", verify=verify)
     if source.skipped_entries:
         (on_note or _ignore)(f"ignored {len(source.skipped_entries)} non-tensor entries of the checkpoint")
     stage("ranking")
-    bundle = build_bundle(source, levels, allocation, include, exclude, command, on_progress)
+    bundle = build_bundle(source, levels, allocation, include, exclude, command, on_progress, granularity)
     stage("writing")
     save_bundle(bundle, output)
     return bundle

@@ -18,6 +18,7 @@ from .. import tool_metadata
 from ..errors import DsnnError, UsageError
 from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
 from .continuous import keep_masks
+from .group_format import StructuredLevels, parse_structured
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
@@ -27,7 +28,7 @@ FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
 _REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "code_suffix", "pruned", "sparsity", "tool")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
-              "recipe", "evaluation", "training")
+              "recipe", "evaluation", "training", "structured")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Bundle:
     """What loading established about the file's checksums: ``verified``, ``not verified`` (``verify=False``),
     ``no checksums`` (a bundle written before they were recorded, or one made in memory) or ``recorded`` (just
     saved, with the checksums of these tensors)."""
+    structured: StructuredLevels | None = None
+    """Group sets and group codes of a structured bundle (None: weight granularity)."""
 
     @property
     def all_levels(self) -> tuple[float, ...]:
@@ -148,6 +151,8 @@ def build_metadata(bundle: Bundle) -> dict[str, str]:
         "sparsity": {k: v for k, v in summary.items() if k != "tensors"},
     })
     meta.setdefault("tool", tool_metadata())
+    if bundle.structured is not None:
+        meta.update({"granularity": "structured", "structured": bundle.structured.to_metadata()})
     out: dict[str, str] = {}
     for key, value in meta.items():
         out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -289,11 +294,17 @@ def bundle_from_file(file: SafetensorsFile, verify: bool = True) -> Bundle:
         if counts[name] != info.get("pruned"):
             raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
         codes[name] = code
-    if not _mid_schedule(meta):
+    structured = None
+    if meta.get("granularity", "weight") == "structured":
+        structured = parse_structured(src, meta.get("structured"), tensors, codes, levels,
+                                      str(meta.get("allocation", "per-layer")), not _mid_schedule(meta))
+    elif not _mid_schedule(meta):
         _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
     keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "levels", "code_bits",
-                                                        "code_suffix", "pruned", "sparsity", CHECKSUM_KEY)}
-    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src, integrity=file.integrity)
+                                                        "code_suffix", "pruned", "sparsity", "granularity",
+                                                        "structured", CHECKSUM_KEY)}
+    return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src, integrity=file.integrity,
+                  structured=structured)

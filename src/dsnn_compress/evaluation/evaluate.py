@@ -58,10 +58,12 @@ def evaluate(
     audio_ctx: int | None = None,
     kernels: str = "dense",
     verify: bool = True,
+    compact: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
 
     ``verify`` checks the model file's checksums (when it has them) before anything runs.
+    ``compact`` (structured bundles): run each level as its physically smaller model, so RTFx is that model's.
 
     ``max_wer`` / ``max_wer_increase`` are CI gates (``LEVEL:PCT``, see :func:`check_gates`), checked for syntax
     before any work and recorded under ``gates`` in the report; :func:`gate_failure` turns failures into an error.
@@ -80,7 +82,7 @@ def evaluate(
         parse_gate(spec, "--max-wer")
     for spec in max_wer_increase:
         parse_gate(spec, "--max-wer-increase")
-    loaded = load_model(model_path, audio_ctx, kernels, verify=verify)  # checks --kernels before any data is read
+    loaded = load_model(model_path, audio_ctx, kernels, verify=verify, compact=compact)  # checks --kernels first
     chosen = select_levels(loaded, levels)
     norm = normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name
@@ -149,7 +151,8 @@ def evaluate(
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "tool": tool_metadata(),
-        "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family},
+        "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family,
+                  **({"compact": True} if compact else {})},
         "data": {"path": str(data_path), "utterances": len(utterances)},
         "normalizer": norm,
         "decoding": loaded.adapter.decoding,

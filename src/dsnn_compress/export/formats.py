@@ -20,6 +20,7 @@ from ..errors import DsnnError, UsageError
 from ..models.registry import adapter_from_metadata, get_family
 from ..sources.checkpoint import save_checkpoint
 from ..sources.opener import open_source
+from ..sources.structured_runtime import compact_adapter
 from .compressed import check_compress_format, write_compressed_directory
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf", "ct2")
@@ -73,6 +74,8 @@ def _adapter_at(bundle: Bundle, level: float, fmt: str):  # noqa: ANN202 - a Mod
                          "choose one of: " + ", ".join(f"--format {f}" for f in ("safetensors", "torch", *formats)))
     adapter = adapter_from_metadata(meta, bundle.state_dict_at(level))
     adapter.model.eval()
+    if bundle.structured is not None and bundle.level_index(level) > 0:  # the level physically smaller
+        adapter = compact_adapter(bundle, adapter, bundle.level_index(level), fmt)
     return adapter, family
 
 
@@ -95,11 +98,26 @@ def export_onnx(model: torch.nn.Module, output: Path, n_mels: int, opset: int = 
                               input_names=["features", "lengths"], output_names=["log_probs", "out_lengths"],
                               dynamic_shapes={"features": {0: batch, 1: time}, "lengths": {0: batch}},
                               external_data=False)
-        except Exception:  # noqa: BLE001 - models the graph exporter cannot trace (packed LSTMs) use TorchScript
+        except Exception as exc:  # noqa: BLE001 - models the graph exporter cannot trace (packed LSTMs) use TorchScript
+            os_error = _os_error_in(exc)
+            if os_error is not None:  # a full disk or a file-size limit is not a tracing problem: report it
+                raise os_error from None
             torch.onnx.export(model, (features, lengths), str(tmp), dynamo=False, opset_version=17,
                               input_names=["features", "lengths"], output_names=["log_probs", "out_lengths"],
                               dynamic_axes={"features": {0: "batch", 1: "time"}, "lengths": {0: "batch"},
                                             "log_probs": {0: "batch", 1: "frames"}, "out_lengths": {0: "batch"}})
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError in ``exc``'s cause/context chain (the ONNX exporter wraps write failures), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def source_dtype(bundle: Bundle) -> torch.dtype | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,11 +13,20 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from ..core.groups import GroupSpec
 from ..data.batch import Batch
 from ..data.features import FeatureConfig, log_mel
 from ..data.text import CharTokenizer, get_normalizer
 from ..errors import DsnnError, UsageError
 from ..validation import Int, explain, usage_error
+from .builtin_structure import (
+    conformer_compact_config,
+    conformer_groups,
+    conformer_set_widths,
+    lstm_compact_config,
+    lstm_compact_refusal,
+    lstm_groups,
+)
 from .conformer import CONFORMER_SIZES, ConformerConfig, ConformerCTC
 from .ctc import greedy_ctc_decode
 from .lstm import LSTM_SIZES, LSTMCTC, LSTMConfig
@@ -100,10 +109,10 @@ class BuiltinAdapter:
         return default_prunable_parameters(self.model)
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-serialisable description that rebuilds this adapter."""
+        """JSON-serialisable description that rebuilds this adapter (unset optional per-layer sizes left out)."""
         return {
             "family": self.family,
-            "config": asdict(self.config),
+            "config": {k: v for k, v in asdict(self.config).items() if v is not None},
             "vocabulary": list(self.tokenizer.vocabulary),
             "features": self.features.to_dict(),
             "normalizer": self.normalizer,
@@ -156,6 +165,37 @@ class BuiltinFamily:
     default_size: str = "s"
     export_formats: tuple[str, ...] = ("checkpoint", "onnx")
     """Model formats ``dsnn export`` can write for this family (besides plain state dicts)."""
+    groups_fn: Callable[[nn.Module], list[GroupSpec]] | None = None
+    compact_config_fn: Callable[[Any, Mapping[str, int]], Any] | None = None
+    widths_fn: Callable[[nn.Module, Mapping[str, int] | None], None] | None = None
+    refusal_fn: Callable[[Mapping[str, int]], str | None] | None = None
+
+    def structured_groups(self, adapter: BuiltinAdapter) -> list[GroupSpec]:
+        """The model's structured group sets (``docs/structured.md``)."""
+        assert self.groups_fn is not None
+        return self.groups_fn(adapter.model)
+
+    def compact(self, adapter: BuiltinAdapter, kept: Mapping[str, int]) -> BuiltinAdapter:
+        """A fresh adapter whose model has ``kept[name]`` groups in each set (weights to be loaded)."""
+        refusal = self.compact_refusal(kept, "checkpoint")
+        if refusal:
+            raise UsageError(refusal)
+        assert self.compact_config_fn is not None
+        cfg = self._make_config(asdict(self.compact_config_fn(adapter.config, kept)), DsnnError,
+                                "the structured sizes do not fit the model", "compact model config")
+        return self._adapter(cfg, adapter.tokenizer, adapter.features, adapter.normalizer)
+
+    def set_widths(self, adapter: BuiltinAdapter, kept: Mapping[str, int] | None) -> bool:
+        """Run the first ``kept[name]`` groups of each set on views of the weights (None: all). False when the
+        family cannot (its levels then switch by masks)."""
+        if self.widths_fn is None:
+            return False
+        self.widths_fn(adapter.model, kept)
+        return True
+
+    def compact_refusal(self, kept: Mapping[str, int], fmt: str) -> str | None:
+        """Why the sizes ``kept`` cannot be written as ``fmt`` (None: they can)."""
+        return self.refusal_fn(kept) if self.refusal_fn else None
 
     def config_keys(self) -> list[str]:
         """Config fields a user may set (the derived ``vocab_size``/``input_dim`` are excluded)."""
@@ -272,5 +312,8 @@ class BuiltinFamily:
         )
 
 
-CONFORMER_CTC = BuiltinFamily("conformer-ctc", ConformerConfig, ConformerCTC, CONFORMER_SIZES, "s")
-LSTM_CTC = BuiltinFamily("lstm-ctc", LSTMConfig, LSTMCTC, LSTM_SIZES, "s")
+CONFORMER_CTC = BuiltinFamily("conformer-ctc", ConformerConfig, ConformerCTC, CONFORMER_SIZES, "s",
+                              groups_fn=conformer_groups, compact_config_fn=conformer_compact_config,
+                              widths_fn=conformer_set_widths)
+LSTM_CTC = BuiltinFamily("lstm-ctc", LSTMConfig, LSTMCTC, LSTM_SIZES, "s", groups_fn=lstm_groups,
+                         compact_config_fn=lstm_compact_config, refusal_fn=lstm_compact_refusal)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..core.bundle import Bundle
 from ..core.levels import level_label
+from .structured import structured_report, structured_table
 
 
 def human_bytes(num: float) -> str:
@@ -58,6 +59,8 @@ def inspect_report(bundle: Bundle, file_size: int | None = None) -> dict[str, An
         "not_pruned": sorted(n for n in bundle.tensors if n not in bundle.codes),
         "evaluation": meta.get("evaluation"),
         "integrity": bundle.integrity,
+        "granularity": "structured" if bundle.structured is not None else "weight",
+        **({"structured": structured_report(bundle)} if bundle.structured is not None else {}),
     }
 
 
@@ -117,6 +120,8 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
     if report.get("model"):
         console.print(f"model: {report['model'].get('family')}")
     console.print(levels_table(report, "levels"))
+    if report.get("structured"):
+        console.print(structured_table(report["structured"]))
     if layers:
         console.print(tensors_table(report, levels))
         if report["not_pruned"]:

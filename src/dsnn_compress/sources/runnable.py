@@ -19,6 +19,7 @@ from ..data.batch import pad_batch
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from .opener import Source, open_source
+from .structured_runtime import StructuredViews, compact_adapter, views_supported
 
 
 @dataclass
@@ -29,10 +30,13 @@ class LoadedModel:
     path: Path
     kind: str
     """``bundle`` or ``checkpoint``."""
-    sparsity: DynamicSparsity | None = None
+    sparsity: DynamicSparsity | StructuredViews | None = None
     bundle: Bundle | None = None
     kernels: SparseKernels | None = None
     """Sparse kernels of the pruned layers (:meth:`use_kernels`); None = dense kernels."""
+    compact: bool = False
+    """Structured bundles: run each level as its physically smaller model (``set_level`` swaps :attr:`adapter`)."""
+    full_adapter: ModelAdapter | None = None
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -59,6 +63,9 @@ class LoadedModel:
 
     def set_level(self, level: float | str) -> None:
         """Switch to ``level``: a trained level or any value in [0, largest] (only ``0`` for a plain checkpoint)."""
+        if self.compact and self.bundle is not None and self.full_adapter is not None:
+            index = self.bundle.level_index(level)
+            self.adapter = self.full_adapter if index == 0 else compact_adapter(self.bundle, self.full_adapter, index)
         if self.sparsity is not None:
             self.sparsity.set_level(level)
             if self.kernels is not None:  # the sparse weights depend on the level's mask: rebuilt on every switch
@@ -81,6 +88,9 @@ class LoadedModel:
             self.kernels = None
         if mode == "dense":
             return
+        if isinstance(self.sparsity, StructuredViews):
+            raise UsageError(f"--kernels {mode}: {self.path} is a structured bundle; its levels already run as "
+                             "narrower dense layers", "use --kernels dense (the default) with structured bundles")
         if self.sparsity is None:
             if mode == "sparse":
                 raise UsageError(f"--kernels sparse: {self.path} is a dense checkpoint with no pruned layers",
@@ -102,11 +112,16 @@ class LoadedModel:
         total = sum(p.numel() for p in self.adapter.model.parameters())
         if self.sparsity is None:
             return total
+        if self.adapter is not self.sparsity_owner():  # the physically smaller model of the level
+            return total
         return total - self.sparsity.pruned_count()
 
+    def sparsity_owner(self) -> ModelAdapter:
+        """The adapter whose model the level switch acts on (the full-size one in compact mode)."""
+        return self.full_adapter or self.adapter
 
 def load_model(path: str | Path, audio_ctx: int | None = None, kernels: str = "dense",
-               probe: Callable[[], Any] | None = None, *, verify: bool = True) -> LoadedModel:
+               probe: Callable[[], Any] | None = None, *, verify: bool = True, compact: bool = False) -> LoadedModel:
     """Rebuild the runnable model of a bundle (attached for level switching) or of a dsnn checkpoint, in eval mode.
 
     ``audio_ctx`` sets a Whisper model's encoder context (positions of 20 ms) instead of the one it carries.
@@ -115,6 +130,11 @@ def load_model(path: str | Path, audio_ctx: int | None = None, kernels: str = "d
     """
     mode = parse_kernels(kernels)
     loaded = runnable_model(open_source(path, role="model", verify=verify), audio_ctx)
+    if compact:
+        if loaded.bundle is None or loaded.bundle.structured is None:
+            raise UsageError(f"--compact needs a structured bundle; {path} is not one",
+                             "prune with --granularity structured, or drop --compact")
+        loaded.compact, loaded.full_adapter = True, loaded.adapter
     loaded.use_kernels(mode, probe)
     return loaded
 
@@ -138,6 +158,8 @@ def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
     check_finite_weights(adapter.model, source.path)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")
+    if views_supported(adapter, source.bundle):
+        return LoadedModel(adapter, source.path, "bundle", StructuredViews(adapter, source.bundle), source.bundle)
     sparsity = DynamicSparsity(adapter.model, source.bundle.codes, source.bundle.levels, source.bundle.allocation)
     return LoadedModel(adapter, source.path, "bundle", sparsity, source.bundle)
 

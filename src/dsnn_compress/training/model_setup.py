@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..core.groups import GroupSpec, compute_group_codes, expand_codes
 from ..core.masks import codes_at_sparsities, compute_codes
 from ..core.schedule import scheduled_levels
 from ..core.selection import select_prunable
@@ -18,6 +19,7 @@ from ..data.text import CharTokenizer, normalize_text
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from ..models.registry import new_adapter
+from ..models.structure import model_groups
 from ..sources.opener import open_source
 from .recipe import Recipe
 
@@ -33,6 +35,9 @@ class ModelSetup:
     base_metadata: dict[str, Any] = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     """The source's dtype per tensor: the written bundle keeps them (the live model trains in fp32)."""
+    groups: list[GroupSpec] | None = None
+    """Structured runs: the group sets whose codes the weight codes expand (None: weight granularity)."""
+    allocation: str = "per-layer"
 
 
 def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
@@ -50,8 +55,9 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
         adapter = new_adapter(recipe.model.family, vocabulary, recipe.model.size, dict(recipe.model.config),
                               normalizer=recipe.model.normalizer)
         source = {"file": None, "kind": "random-init", "family": recipe.model.family, "size": recipe.model.size}
-        codes = initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, source)
+        groups = _groups(adapter, recipe, levels)
+        codes = initial_codes(adapter, levels, recipe, groups) if levels else {}
+        return ModelSetup(adapter, codes, levels, source, groups=groups, allocation=recipe.allocation)
     if not Path(init).exists():
         raise DsnnError(f"model.init {init} does not exist",
                         "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
@@ -60,8 +66,10 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
     normalizer = recipe.model.normalizer if opened.kind == "hf-dir" else None
     adapter = opened.adapter(normalizer, purpose="finetune", audio_ctx=recipe.model.audio_ctx)
     if opened.bundle is None:
-        codes = initial_codes(adapter, levels, recipe) if levels else {}
-        return ModelSetup(adapter, codes, levels, opened.provenance(), dtypes=_dtypes(opened.tensors))
+        groups = _groups(adapter, recipe, levels)
+        codes = initial_codes(adapter, levels, recipe, groups) if levels else {}
+        return ModelSetup(adapter, codes, levels, opened.provenance(), dtypes=_dtypes(opened.tensors), groups=groups,
+                          allocation=recipe.allocation)
     bundle = opened.bundle
     if recipe.levels is not None and tuple(recipe.levels) != bundle.levels:
         raise UsageError(
@@ -70,9 +78,11 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
         )
     base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
     setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base,
-                       dtypes=_dtypes(opened.tensors))
+                       dtypes=_dtypes(opened.tensors),
+                       groups=bundle.structured.specs if bundle.structured is not None else None,
+                       allocation=str(bundle.metadata.get("allocation", recipe.allocation)))
     if recipe.schedule.enabled:
-        setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0)
+        setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0, setup.groups, setup.allocation)
     return setup
 
 
@@ -80,8 +90,19 @@ def _dtypes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
     return {name: tensor.dtype for name, tensor in tensors.items()}
 
 
-def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe) -> dict[str, torch.Tensor]:
-    """Codes of the recipe's prunable set at ``levels`` (at step 0 of the gradual schedule when it is enabled)."""
+def _groups(adapter: ModelAdapter, recipe: Recipe, levels: tuple[float, ...]) -> list[GroupSpec] | None:
+    """The structured group sets a run with ``granularity: structured`` prunes (None for weight granularity)."""
+    if recipe.granularity != "structured" or not levels:
+        return None
+    return model_groups(adapter, recipe.include, recipe.exclude)
+
+
+def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Recipe,
+                  groups: list[GroupSpec] | None = None) -> dict[str, torch.Tensor]:
+    """Codes of the recipe's prunable set at ``levels`` (at step 0 of the gradual schedule when it is enabled);
+    with ``groups``, the expanded codes of the structured groups."""
+    if groups is not None:
+        return scheduled_codes(adapter, {}, levels, recipe, 0, groups, recipe.allocation)
     params = dict(adapter.model.named_parameters())
     names = select_prunable(params, recipe.include, recipe.exclude,
                             None if recipe.include else adapter.default_prunable())
@@ -92,9 +113,20 @@ def initial_codes(adapter: ModelAdapter, levels: tuple[float, ...], recipe: Reci
 
 
 def scheduled_codes(adapter: ModelAdapter, codes: dict[str, torch.Tensor], levels: Sequence[float], recipe: Recipe,
-               step: int) -> dict[str, torch.Tensor]:
-    """Codes recomputed from the current magnitudes at the gradual schedule's sparsities for ``step`` (nested)."""
+                    step: int, groups: list[GroupSpec] | None = None,
+                    allocation: str | None = None) -> dict[str, torch.Tensor]:
+    """Codes recomputed from the current magnitudes at the gradual schedule's sparsities for ``step`` (nested).
+
+    With ``groups`` the *group* codes are recomputed (same RMS scores and allocation rule as ``dsnn prune``) and
+    expanded to the member tensors, so structured levels stay whole structures and nested."""
     params = dict(adapter.model.named_parameters())
+    if groups is not None:
+        live = {n: p.detach().cpu() for n, p in params.items()}
+        group_codes = compute_group_codes(groups, live, scheduled_levels(levels, step, recipe.schedule),
+                                          allocation or recipe.allocation)
+        fresh = expand_codes(groups, group_codes, {n: t.shape for n, t in live.items()}, len(levels))
+        device = next(iter(params.values())).device
+        return {n: c.to(device) for n, c in fresh.items()}
     tensors = {n: params[n].detach().cpu() for n in codes}
     fresh = codes_at_sparsities(tensors, scheduled_levels(levels, step, recipe.schedule), recipe.allocation)
     device = next(iter(params.values())).device

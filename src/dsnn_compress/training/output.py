@@ -22,6 +22,8 @@ import torch
 from .. import tool_metadata
 from ..atomic import atomic_path, check_output_parent, clean_stale_temps, temp_path, write_error
 from ..core.bundle import Bundle, save_bundle
+from ..core.group_format import structured_bundle_parts
+from ..core.groups import group_codes_from_weights
 from ..errors import UsageError
 from .model_setup import ModelSetup
 from .recipe import Recipe
@@ -106,8 +108,14 @@ class RunOutput:
             "recipe": recipe.to_dict(),
             "training": training,
         }
-        save_bundle(Bundle(tensors=tensors, codes={n: c.cpu() for n, c in codes.items()}, levels=setup.levels,
-                           metadata=metadata), path)
+        codes = {n: c.cpu() for n, c in codes.items()}
+        structured = None
+        if setup.groups is not None:  # group codes back from the weight codes; stored in prefix order
+            group_codes = group_codes_from_weights(setup.groups, codes)
+            tensors, codes, structured = structured_bundle_parts(setup.groups, tensors, group_codes, len(setup.levels))
+            metadata["allocation"] = setup.allocation
+        save_bundle(Bundle(tensors=tensors, codes=codes, levels=setup.levels, metadata=metadata,
+                           structured=structured), path)
 
 
 class JsonlLog:

@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..core.groups import GRANULARITIES
 from ..core.masks import ALLOCATIONS
 from ..data.text import NORMALIZERS
 from ..errors import UsageError
@@ -215,6 +216,7 @@ class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     levels: Levels = None
     allocation: Annotated[str, OneOf(lambda: ALLOCATIONS)] = "per-layer"
+    granularity: Annotated[str, OneOf(lambda: GRANULARITIES)] = "weight"
     include: Patterns = Field(default_factory=list)
     exclude: Patterns = Field(default_factory=list)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -243,7 +243,8 @@ class Finetuner:
     def update_codes(self) -> None:
         """Gradual pruning: rank 0 recomputes the codes from the current magnitudes and broadcasts them."""
         if self.dist.main:
-            self.codes = scheduled_codes(self.model_setup.adapter, self.codes, self.levels, self.recipe, self.step)
+            self.codes = scheduled_codes(self.model_setup.adapter, self.codes, self.levels, self.recipe, self.step,
+                                         self.model_setup.groups, self.model_setup.allocation)
         broadcast_tensors(list(self.codes.values()), self.dist)
 
     def train_step(self, batch: Batch) -> tuple[float, dict[int, float], float | None]:

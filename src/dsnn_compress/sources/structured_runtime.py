@@ -1,0 +1,109 @@
+"""Running a structured bundle's levels: as prefixes on views of the shared weights (no copy), or as the
+physically smaller model of a level (``docs/structured.md``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..core.bundle import Bundle
+from ..core.group_format import StructuredLevels
+from ..core.groups import compact_tensors
+from ..core.levels import Levels
+from ..errors import DsnnError, UsageError
+from ..models.base import ModelAdapter
+from ..models.registry import load_tensors_strict
+from ..models.structure import family_of
+
+
+def compact_adapter(bundle: Bundle, adapter: ModelAdapter, level_index: int, fmt: str = "checkpoint") -> ModelAdapter:
+    """The physically smaller model of ``bundle``'s level ``level_index`` (pruned structures removed), in eval mode.
+
+    ``adapter`` is the bundle's (full-size) model; its family builds the smaller architecture and the kept slices
+    of every member tensor are loaded into it. UsageError when the family cannot express the sizes as ``fmt``.
+    """
+    structured = bundle.structured
+    if structured is None:
+        raise UsageError("only a structured bundle has physically smaller levels",
+                         "prune with --granularity structured")
+    family = family_of(adapter)
+    kept = structured.kept(level_index)
+    refusal_hook = getattr(family, "compact_refusal", None)
+    refusal = refusal_hook(kept, fmt) if callable(refusal_hook) else None
+    if refusal:
+        raise UsageError(f"level {Levels(bundle.levels).label(level_index)} cannot be written as {fmt}: {refusal}",
+                         "export it with --format safetensors (full shape, zeroed) or prune again as the reason says")
+    small = family.compact(adapter, kept)
+    tensors = compact_tensors(structured.specs, bundle.tensors, structured.codes, level_index)
+    load_tensors_strict(small, {n: t.to(torch.float32) if t.is_floating_point() else t for n, t in tensors.items()})
+    small.model.eval()
+    return small
+
+
+class StructuredViews:
+    """Level switching for a structured bundle by narrowing the live model to each set's prefix (views of the same
+    storage: no weight is copied or written). Same interface as :class:`~dsnn_compress.core.sparsity.DynamicSparsity`.
+    """
+
+    def __init__(self, adapter: ModelAdapter, bundle: Bundle) -> None:
+        if bundle.structured is None or not bundle.structured.prefix_ordered():
+            raise DsnnError("structured views need a structured bundle in prefix order")
+        self.adapter = adapter
+        self.module = adapter.model
+        self.levels = bundle.levels
+        self.structured: StructuredLevels = bundle.structured
+        self._family = family_of(adapter)
+        self._kept = [self.structured.kept(k) for k in range(len(bundle.levels) + 1)]
+        self._pruned = [sum(int((c < k).sum()) for c in bundle.codes.values()) for k in range(len(bundle.levels) + 1)]
+        self._index = 0
+
+    @property
+    def all_levels(self) -> tuple[float, ...]:
+        """Every level including the dense 0."""
+        return (0.0, *self.levels)
+
+    @property
+    def level(self) -> float:
+        """The active level."""
+        return self.all_levels[self._index]
+
+    def level_index(self, level: float | str) -> int:
+        """Index of ``level`` (0 = dense)."""
+        return Levels(self.levels).index(level, "this bundle")
+
+    def resolve(self, level: float | str) -> float:
+        """The value of a trained level (structured levels run as prefix views: only the trained ones are served)."""
+        return self.all_levels[self.level_index(level)]
+
+    def is_trained(self, level: float | str) -> bool:
+        """Always True once :meth:`resolve` accepted ``level``."""
+        self.resolve(level)
+        return True
+
+    def kept(self, level: float | str) -> Mapping[str, int]:
+        """Groups per set run at ``level``."""
+        return self._kept[self.level_index(level)]
+
+    def set_level(self, level: float | str) -> None:
+        """Run ``level``: every set narrowed to its kept prefix (dense: full width)."""
+        index = self.level_index(level)
+        self._family.set_widths(self.adapter, None if index == 0 else self._kept[index])
+        self._index = index
+
+    def pruned_count(self) -> int:
+        """Weights (and biases/norm entries) the active level leaves out."""
+        return self._pruned[self._index]
+
+    def detach(self) -> torch.nn.Module:
+        """Back to full width; the plain module."""
+        self.set_level(0.0)
+        return self.module
+
+
+def views_supported(adapter: ModelAdapter, bundle: Bundle) -> bool:
+    """Whether ``bundle``'s levels can run as prefix views on ``adapter`` (structured, prefix order, family hook)."""
+    if bundle.structured is None or not bundle.structured.prefix_ordered():
+        return False
+    hook = getattr(family_of(adapter), "set_widths", None)
+    return callable(hook) and bool(hook(adapter, None))
