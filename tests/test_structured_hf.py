@@ -149,6 +149,8 @@ def test_global_levels_are_refused_for_hf_and_exported_as_checkpoints(dirs, tmp_
     assert (log_probs(adapter, batch) - log_probs(masked_reference(bundle, 0.5), batch)).abs().max() <= TOL
     result = run_cli(capsys, "transcribe", checkpoint, read_manifest(MANIFEST)[0].audio_path)
     assert result.code == 0, result.err
+    result = run_cli(capsys, "evaluate", bundle, "--data", MANIFEST, "--compact", "--json", tmp_path / "r.json")
+    assert result.code == 0, result.err  # evaluate runs each level as its smaller model (checkpoint sizes)
     # the checkpoint of the smaller model still cannot become a Hugging Face directory
     with pytest.raises(DsnnError, match="one intermediate_size"):
         HF_CTC.save_hf(adapter, tmp_path / "hf2")

@@ -151,6 +151,8 @@ def test_per_layer_levels_export_to_hf_and_ct2_equal_to_the_level(directory, tmp
                 assert variables[f"{side}/layer_{i}/ffn/linear_0/weight"].shape == (widths[side], 16)
                 assert variables[f"{side}/layer_{i}/ffn/linear_1/weight"].shape == (16, widths[side])
         assert_ct2_runs_like(ct2, reference)
+        reopened = open_source(ct2).adapter()  # dsnn reads its own smaller faster-whisper directory back
+        assert (teacher_logits(reopened.model, reopened) - expected).abs().max() <= TOL
 
 
 def test_encoder_only_level_keeps_the_decoder_size(directory, tmp_path, capsys):
