@@ -247,7 +247,7 @@ def test_structured_needs_a_family_that_declares_groups(tmp_path: Path, capsys: 
         fake = type("Fake", (), {"family": "no-groups-test"})()
         with pytest.raises(UsageError, match="not available for no-groups-test") as caught:
             model_groups(fake)  # type: ignore[arg-type]
-        assert "conformer-ctc, lstm-ctc" in str(caught.value.hint)
+        assert "conformer-ctc, hf-ctc, lstm-ctc, whisper" in str(caught.value.hint)
     finally:
         FAMILIES.pop("no-groups-test")
     result = run_cli(capsys, "prune", tmp_path / "plain.safetensors", "--levels", "0.5", "--granularity", "rows",

@@ -80,7 +80,8 @@ class HFCTCAdapter:
 
     Public attributes: ``model``, ``architecture``, ``hf_files`` (the directory's text files, verbatim),
     ``feature_extractor``, ``tokenizer``, ``normalizer`` (name of the text normaliser references and hypotheses go
-    through, as the protocol requires), ``weight_norm`` (the source's weight-norm tensor spelling), ``family``,
+    through, as the protocol requires), ``weight_norm`` (the source's weight-norm tensor spelling), ``ffn_dims``
+    (per-layer FFN sizes of a structured level, ``docs/structured.md``), ``family``,
     ``use_attention_mask`` and ``blank_id`` (the CTC blank, ``pad_token_id``).
     """
 
@@ -94,6 +95,8 @@ class HFCTCAdapter:
     capped_decodes: int = 0
     """Always 0: greedy CTC decoding has no length bound to hit."""
     weight_norm: str | None = None
+    ffn_dims: list[int] | None = None
+    """Per-layer FFN sizes of a structured level's smaller model when they differ (else None: the config's)."""
     family: str = FAMILY
     use_attention_mask: bool = field(init=False)
     blank_id: int = field(init=False)
@@ -276,7 +279,7 @@ class HFCTCAdapter:
 
     def metadata(self) -> dict[str, Any]:
         """Self-contained description: the architecture, the directory's text files, normaliser, sample rate."""
-        return {
+        meta = {
             "family": self.family,
             "architecture": self.architecture,
             "hf_files": dict(self.hf_files),
@@ -284,3 +287,6 @@ class HFCTCAdapter:
             "sample_rate": self.sample_rate,
             "weight_norm": self.weight_norm,
         }
+        if self.ffn_dims is not None:
+            meta["ffn_dims"] = list(self.ffn_dims)
+        return meta

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.groups import GroupSpec
 from ...data.text import get_normalizer
 from ...errors import DsnnError, UsageError
 from ..registry import adapter_from_metadata, register_family
 from .adapter import HFCTCAdapter, rename_hooks
 from .export import save_hf_directory
+from .ffn import check_ffn_dims, layer_widths
 from .metadata import (
     BAD_META_HINT,
     FAMILY,
@@ -41,6 +43,16 @@ from .metadata import (
     supported_list,
     weight_norm_style,
     write_files,
+)
+from .structure import (
+    apply_ffn_dims,
+    compact_metadata,
+    current_widths,
+    ffn_groups,
+    refusal,
+    refuse_hf_export,
+    set_names,
+    set_widths,
 )
 
 
@@ -160,11 +172,38 @@ class HFCTCFamily:
         if "sample_rate" in meta and meta["sample_rate"] != adapter.sample_rate:
             raise DsnnError(f"hf-ctc model metadata sample_rate {meta['sample_rate']} differs from its feature "
                             f"extractor's {adapter.sample_rate}", BAD_META_HINT)
+        if meta.get("ffn_dims") is not None:
+            dims = check_ffn_dims(meta["ffn_dims"], len(set_names(adapter.model)), "hf-ctc model metadata ffn_dims",
+                                  BAD_META_HINT)
+            apply_ffn_dims(adapter.model, dims)
+            adapter.ffn_dims = dims
         return adapter
+
+    # structured levels (docs/structured.md): FFN neurons of every encoder layer
+
+    def structured_groups(self, adapter: HFCTCAdapter) -> list[GroupSpec]:
+        """One ``ffn-neuron`` group set per encoder layer (no attention heads: see :mod:`.structure`)."""
+        return ffn_groups(adapter.model)
+
+    def compact(self, adapter: HFCTCAdapter, kept: Mapping[str, int]) -> HFCTCAdapter:
+        """A fresh adapter whose encoder layers have ``kept[name]`` FFN neurons (weights to be loaded)."""
+        widths = layer_widths(set_names(adapter.model), current_widths(adapter.model), kept)
+        return self.from_metadata(compact_metadata(adapter.metadata(), widths))
+
+    def set_widths(self, adapter: HFCTCAdapter, kept: Mapping[str, int] | None) -> bool:
+        """Run each FFN's first ``kept[name]`` neurons on views of its weights (None: full width)."""
+        set_widths(adapter.model, kept)
+        return True
+
+    def compact_refusal(self, kept: Mapping[str, int], fmt: str) -> str | None:
+        """Why ``fmt`` cannot hold these FFN sizes (``hf``: different sizes per layer), or None."""
+        return refusal(kept, fmt)
 
     def save_hf(self, adapter: HFCTCAdapter, output: str | os.PathLike, level: float | None = None,
                 dtype: torch.dtype | None = None) -> Path:
-        """``dsnn export --format hf``: ``adapter`` as a ``save_pretrained`` directory (:func:`save_hf_directory`)."""
+        """``dsnn export --format hf``: ``adapter`` as a ``save_pretrained`` directory (:func:`save_hf_directory`);
+        UsageError for a structured level with different FFN sizes per layer (no Hugging Face config holds it)."""
+        refuse_hf_export(adapter.ffn_dims)
         return save_hf_directory(adapter, output, level, dtype)
 
 

@@ -118,6 +118,8 @@ class WhisperAdapter:
     normalizer: str = "default"
     audio_ctx: int | None = None
     multilingual: bool = False
+    ffn_dims: dict[str, list[int]] | None = None
+    """Per-layer FFN sizes of a structured level's smaller model, for a side whose layers differ (``.structure``)."""
     family: str = FAMILY
     decoding: str = "greedy-seq2seq"
     capped_decodes: int = 0
@@ -257,5 +259,8 @@ class WhisperAdapter:
 
     def metadata(self) -> dict[str, Any]:
         """Self-contained description: the directory's text files, normaliser, sample rate, encoder context."""
-        return {"family": self.family, "hf_files": dict(self.hf_files), "normalizer": self.normalizer,
+        meta = {"family": self.family, "hf_files": dict(self.hf_files), "normalizer": self.normalizer,
                 "sample_rate": self.sample_rate, "audio_ctx": self.audio_ctx}
+        if self.ffn_dims is not None:
+            meta["ffn_dims"] = {side: list(dims) for side, dims in self.ffn_dims.items()}
+        return meta

@@ -9,10 +9,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...core.groups import GroupSpec
 from ...data.text import get_normalizer
 from ...errors import DsnnError, UsageError
 from .adapter import WhisperAdapter, install_state_hooks
 from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json
+from .structure import (
+    apply_ffn_dims,
+    check_dims,
+    compact_metadata,
+    ffn_groups,
+    refusal,
+    refuse_directory_export,
+    set_widths,
+    side_widths,
+)
 
 MAX_AUDIO_CTX = 1500
 """Encoder positions of every Whisper model (30 s of audio)."""
@@ -135,20 +146,47 @@ class WhisperFamily:
         normalizer = meta.get("normalizer", "default")
         if not isinstance(normalizer, str):
             raise DsnnError("whisper model metadata has a non-string 'normalizer'", BAD_META_HINT)
-        return build_adapter(files, normalizer, meta.get("audio_ctx"))
+        adapter = build_adapter(files, normalizer, meta.get("audio_ctx"))
+        if meta.get("ffn_dims") is not None:
+            adapter.ffn_dims = check_dims(meta["ffn_dims"], adapter.model, BAD_META_HINT)
+            apply_ffn_dims(adapter.model, adapter.ffn_dims)
+        return adapter
+
+    # structured levels (docs/structured.md): FFN neurons of every encoder and decoder layer
+
+    def structured_groups(self, adapter: WhisperAdapter) -> list[GroupSpec]:
+        """One ``ffn-neuron`` group set per encoder layer, then per decoder layer (no heads: see ``.structure``)."""
+        return ffn_groups(adapter.model)
+
+    def compact(self, adapter: WhisperAdapter, kept: Mapping[str, int]) -> WhisperAdapter:
+        """A fresh adapter whose layers have ``kept[name]`` FFN neurons (weights to be loaded)."""
+        return self.from_metadata(compact_metadata(adapter.metadata(), side_widths(adapter.model, kept)))
+
+    def set_widths(self, adapter: WhisperAdapter, kept: Mapping[str, int] | None) -> bool:
+        """Run each FFN's first ``kept[name]`` neurons on views of its weights (None: full width)."""
+        set_widths(adapter.model, kept)
+        return True
+
+    @staticmethod
+    def compact_refusal(kept: Mapping[str, int], fmt: str) -> str | None:
+        """Why ``fmt`` cannot hold these FFN sizes (``hf``/``ct2``: one size per side), or None."""
+        return refusal(kept, fmt)
 
     @staticmethod
     def save_hf(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
-        """``dsnn export --format hf``: a complete ``save_pretrained`` directory."""
+        """``dsnn export --format hf``: a complete ``save_pretrained`` directory (not for per-layer FFN sizes)."""
         from .export import save_hf_directory
 
+        refuse_directory_export(adapter.ffn_dims, "hf")
         return save_hf_directory(adapter, output, level, dtype)
 
     @staticmethod
     def save_ct2(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
-        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory."""
+        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory (not for per-layer FFN
+        sizes)."""
         from .export import save_ct2_directory
 
+        refuse_directory_export(adapter.ffn_dims, "ct2")
         return save_ct2_directory(adapter, output, level, dtype)
 
 
