@@ -183,6 +183,19 @@ def test_set_level_runs_views_without_copying(structured: Path) -> None:
     assert all(params[n].data_ptr() == pointers[n] and torch.equal(params[n], values[n]) for n in params)
 
 
+def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kernels(structured: Path) -> None:
+    loaded = load_model(structured)
+    if not isinstance(loaded.sparsity, StructuredViews):
+        pytest.skip("this family switches structured levels by masks")
+    between = (LEVELS[0] + LEVELS[1]) / 2
+    with pytest.raises(UsageError, match="not in this bundle"):
+        loaded.set_level(between)
+    assert loaded.sparsity.level == 0.0  # a refused level leaves the model as it was
+    for mode in ("sparse", "auto"):
+        with pytest.raises(UsageError, match="structured bundle"):
+            load_model(structured, kernels=mode)
+
+
 def test_compact_evaluation_reports_the_smaller_model(structured: Path) -> None:
     from dsnn_compress.evaluation.evaluate import evaluate
 
