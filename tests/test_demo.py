@@ -79,20 +79,22 @@ def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pyt
     assert [row["wer_shipped"] for row in rows] == [e["wer"] for e in shipped["levels"]]
     assert [row["wer_oneshot"] for row in rows] == [e["wer"] for e in oneshot["levels"]]
     assert [row["wer_live"] for row in rows] == [e["wer"] for e in live["levels"]] + [None]
-    # the live fine-tune ran the demo's recipe: the servable levels only (0.9 has loss weight 0), distillation on
+    # the live fine-tune continued the shipped bundle with the demo's recipe: the servable levels only (0.9 has
+    # loss weight 0), distillation on
     with safe_open(str(out / "live.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
     recipe = json.loads(meta["recipe"])
     assert json.loads(meta["training"])["steps"] == 2 and json.loads(meta["levels"]) == [0.5, 0.7, 0.9]
     assert recipe["sampling"]["loss_weights"] == [1.0, 1.0, 1.0, 0.0] and recipe["distillation"]["enabled"]
     assert recipe["optimizer"]["lr"] == demo_module.LIVE_RECIPE["optimizer"]["lr"]
+    assert Path(recipe["model"]["init"]) == tiny_assets / demo_module.SHIPPED_BUNDLE
     # the exported checkpoints are the shipped bundle's servable levels, nothing of 0.9
     exported = sorted(p.name for p in (out / "export").iterdir())
     assert exported == ["model-0.5.safetensors", "model-0.7.safetensors", "model-dense.safetensors"]
     report = json.loads((out / "report.json").read_text())
     assert sorted(report) == ["live", "oneshot", "shipped"]
     assert report["live"]["levels"][0]["utterances_scored"] == 4
-    assert "Live fine-tune: 2 steps" in (out / "report.md").read_text()
+    assert "Live fine-tune: the shipped bundle, 2 more steps" in (out / "report.md").read_text()
 
 
 def test_demo_table_labels_the_levels_it_cannot_serve(tiny_assets: Path, tmp_path: Path,

@@ -293,7 +293,7 @@ def demo(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """One-shot pruning vs the shipped DSNN bundle, plus a short live fine-tune, on embedded data, offline."""
+    """One-shot pruning vs the shipped DSNN bundle, plus a short live fine-tune of it, on embedded data, offline."""
     from .core.levels import parse_levels
     from .demo import comparison_rows, run_demo
     from .report.tables import demo_tables, to_json
@@ -309,7 +309,7 @@ def demo(
                        "shipped_steps": result.shipped_steps, "seconds": result.seconds,
                        "files": {k: str(v) for k, v in result.files.items()}}))
         return
-    live_column = f"live, {result.steps} steps"
+    live_column = f"+ live {result.steps} steps"
     for table in demo_tables(rows, result.shipped["data"]["utterances"], result.files, live_column, result.notes()):
         out.print(table)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())

@@ -179,19 +179,19 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
 
 def demo_tables(rows: list[dict[str, Any]], utterances: int, files: dict[str, Any], live_column: str,
                 notes: Sequence[str]) -> list[Table]:
-    """The demo's result: WER one-shot / live fine-tune / shipped bundle per level, and the files it wrote.
+    """The demo's result: WER one-shot / shipped bundle / live fine-tune per level, and the files it wrote.
 
     A row whose ``servable`` is false is labelled "not servable"; ``notes`` become the table's caption lines.
     """
     table = Table(title=f"WER % per level on {utterances} embedded test utterances (speakers unseen in training)",
                   title_justify="left", caption="\n".join(notes), caption_justify="left")
-    for column in ("level", "one-shot", live_column, "shipped bundle", "CER % shipped", "nonzero params", "RTFx"):
+    for column in ("level", "one-shot", "shipped bundle", "CER % shipped", live_column, "nonzero params", "RTFx"):
         table.add_column(column, justify="left" if column == "level" else "right")
     for row in rows:
         label = level_label(row["level"]) + ("" if row["servable"] else " (not servable)")
         live = "not trained" if row["wer_live"] is None else f"{100 * row['wer_live']:.2f}"
-        table.add_row(label, f"{100 * row['wer_oneshot']:.2f}", live, f"{100 * row['wer_shipped']:.2f}",
-                      f"{100 * row['cer_shipped']:.2f}", f"{row['nonzero_params']:,}",
+        table.add_row(label, f"{100 * row['wer_oneshot']:.2f}", f"{100 * row['wer_shipped']:.2f}",
+                      f"{100 * row['cer_shipped']:.2f}", live, f"{row['nonzero_params']:,}",
                       f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
     listing = Table(title="files", title_justify="left", show_header=False)
     for name, path in files.items():
