@@ -238,17 +238,28 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def demo_tables(rows: list[dict[str, Any]], utterances: int, files: dict[str, Any]) -> list[Table]:
-    """The demo's result: WER one-shot vs fine-tuned per level, and the files it wrote."""
-    table = Table(title=f"WER per sparsity level on {utterances} embedded test utterances (unseen speakers)",
-                  title_justify="left")
-    for column in ("level", "WER % one-shot", "WER % fine-tuned", "CER % fine-tuned", "nonzero params", "RTFx"):
+def demo_tables(rows: list[dict[str, Any]], utterances: int, files: dict[str, Any], live_column: str,
+                notes: Sequence[str]) -> list[Table]:
+    """The demo's result: WER one-shot / shipped bundle / live fine-tune per level, and the files it wrote.
+
+    A row whose ``servable`` is false is labelled "not servable"; ``notes`` become the table's caption lines.
+    """
+    table = Table(title=f"WER % per level on {utterances} embedded test utterances (speakers unseen in training)",
+                  title_justify="left", caption="\n".join(notes), caption_justify="left")
+    for column in ("level", "one-shot", "shipped bundle", "CER % shipped", live_column, "nonzero params", "RTFx"):
         table.add_column(column, justify="left" if column == "level" else "right")
     for row in rows:
-        table.add_row(level_label(row["level"]), f"{100 * row['wer_oneshot']:.2f}",
-                      f"{100 * row['wer_finetuned']:.2f}", f"{100 * row['cer_finetuned']:.2f}",
-                      f"{row['nonzero_params']:,}", f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
+        label = level_label(row["level"]) + ("" if row["servable"] else " (not servable)")
+        live = "not trained" if row["wer_live"] is None else f"{100 * row['wer_live']:.2f}"
+        table.add_row(label, f"{100 * row['wer_oneshot']:.2f}", f"{100 * row['wer_shipped']:.2f}",
+                      f"{100 * row['cer_shipped']:.2f}", live, f"{row['nonzero_params']:,}",
+                      f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
     listing = Table(title="files", title_justify="left", show_header=False)
     for name, path in files.items():
         listing.add_row(name, str(path))
     return [table, listing]
+
+
+def demo_markdown(sections: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The demo's reports as Markdown: one ``## title`` section with the evaluation table per report."""
+    return "\n".join(f"## {title}\n\n{evaluation_markdown(report)}" for title, report in sections)
