@@ -134,7 +134,7 @@ OPTION_CASES: dict[str, tuple[list[str], int, str]] = {
     "finetune-nan-lr": (["finetune", "{bundle}", "--data", "{manifest}", "--lr", "nan", "-o", "{out}/f.safetensors"],
                         2, "optimizer.lr must be a positive number, got nan"),
     "finetune-sampling": (["finetune", "{bundle}", "--data", "{manifest}", "--sampling", "some", "-o",
-                           "{out}/f.safetensors"], 2, "sampling.mode must be one of all, sandwich"),
+                           "{out}/f.safetensors"], 2, "sampling.mode must be one of all, sandwich, uniform"),
     "finetune-resume-nothing": (["finetune", "{bundle}", "--data", "{manifest}", "--resume", "-o",
                                  "{out}/f.safetensors"], 2, "no training state"),
     "finetune-missing-data": (["finetune", "{bundle}", "--data", "{out}/none.jsonl", "-o", "{out}/f.safetensors"], 1,

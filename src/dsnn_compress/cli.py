@@ -293,7 +293,7 @@ def finetune(
     levels: Annotated[str | None, typer.Option("--levels", help="Sparse levels, e.g. 0.5,0.7,0.9.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="training.steps")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="optimizer.lr")] = None,
-    sampling: Annotated[str | None, typer.Option("--sampling", help="all or sandwich.")] = None,
+    sampling: Annotated[str | None, typer.Option("--sampling", help="all, sandwich or uniform.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="training.seed")] = None,
     keep: Annotated[str | None, typer.Option("--keep", help="last or best (best on dev).")] = None,
     set_values: Annotated[list[str] | None, typer.Option("--set", help="Override any recipe key: "

@@ -31,6 +31,14 @@ def masked_parameters(
     return {n: params[n] * (code >= level_index).to(params[n].dtype) for n, code in codes.items()}
 
 
+def run_with_masks(runner: nn.Module, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                   batch: Any, mode: str, prefix: str = "model.") -> Any:
+    """``runner(batch, mode)`` with each parameter named in ``masks`` multiplied by its boolean keep-mask
+    (differentiable; used for continuous levels, whose masks are not a keep-code threshold)."""
+    masked = {f"{prefix}{n}": params[n] * m.to(params[n].dtype) for n, m in masks.items()}
+    return functional_call(runner, masked, (batch, mode), strict=False)
+
+
 def run_at_level(runner: nn.Module, params: Mapping[str, torch.Tensor], codes: Mapping[str, torch.Tensor],
                  index: int, batch: Any, mode: str, prefix: str = "model.") -> Any:
     """``runner(batch, mode)`` with the coded weights masked to level ``index`` (0 = dense: a plain call)."""
@@ -59,14 +67,19 @@ def train_step(
     weights: Sequence[float],
     distill_weight: float = 0.0,
     temperature: float = 1.0,
-) -> dict[int, float]:
+    extra_masks: Sequence[Mapping[str, torch.Tensor]] = (),
+) -> dict[int | str, float]:
     """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses.
 
     Each level's loss is ``weight * (loss + distill_weight * distillation_loss(dense, level))``, one backward per
     level so only one graph is alive at a time. Levels whose loss weight is 0 contribute no gradient and are skipped
     (no forward pass, no loss reported), except that the dense level still runs as the distillation teacher.
+
+    ``extra_masks`` are further levels given as keep-masks (continuous levels of the ``uniform`` sampling mode),
+    each trained with loss weight 1.0 and the same distillation; their mean loss is reported under the key
+    ``"uniform"`` (the trained levels' losses are keyed by level index).
     """
-    losses: dict[int, float] = {}
+    losses: dict[int | str, float] = {}
     teacher = None
     level_indices = [i for i in level_indices if weights[i] > 0]
     if distill_weight > 0 and 0 not in level_indices:
@@ -82,10 +95,22 @@ def train_step(
                 total = total + distill_weight * distillation_loss(teacher, scores, lengths, temperature)
         (weights[index] * total).backward()
         losses[index] = float(total.detach())
+    extra_losses = []
+    for masks in extra_masks:
+        loss, scores, lengths = run_with_masks(runner, params, masks, batch, "loss")
+        total = loss
+        if distill_weight > 0:
+            total = total + distill_weight * distillation_loss(teacher, scores, lengths, temperature)
+        total.backward()
+        extra_losses.append(float(total.detach()))
+    if extra_losses:
+        losses["uniform"] = sum(extra_losses) / len(extra_losses)
     return losses
 
 
-def passes_per_step(level_indices: Sequence[int], weights: Sequence[float], distill_weight: float) -> int:
-    """Forward passes :func:`train_step` makes for these levels (the dense teacher counts when it is not trained)."""
+def passes_per_step(level_indices: Sequence[int], weights: Sequence[float], distill_weight: float,
+                    extra_levels: int = 0) -> int:
+    """Forward passes :func:`train_step` makes for these levels (the dense teacher counts when it is not trained)
+    plus ``extra_levels`` mask-given levels."""
     trained = [i for i in level_indices if weights[i] > 0]
-    return len(trained) + (1 if distill_weight > 0 and 0 not in trained else 0)
+    return len(trained) + extra_levels + (1 if distill_weight > 0 and 0 not in trained else 0)

@@ -99,14 +99,35 @@ def sample_levels(num_levels: int, mode: str, random_levels: int, seed: int, ste
 
     ``all``: every level. ``sandwich``: the densest (0) and the sparsest (L) plus ``random_levels`` distinct
     middle levels drawn with ``random.Random(seed, step)``, so the choice is reproducible and resume-safe.
+    ``uniform``: the densest and the sparsest trained level; the levels drawn from ``(0, largest)`` come from
+    :func:`sample_continuous`.
     """
     if num_levels == 0:
         return [0]
     if mode == "all":
         return list(range(num_levels + 1))
-    if mode != "sandwich":  # recipes only allow these two (training.recipe); anything else is a caller's bug
+    if mode == "uniform":
+        return [0, num_levels]
+    if mode != "sandwich":  # recipes only allow these modes (training.recipe); anything else is a caller's bug
         raise ValueError(f"unknown sampling mode {mode!r}")
     middle = list(range(1, num_levels))
     rng = random.Random(seed * 1_000_003 + step)
     picked = rng.sample(middle, min(random_levels, len(middle)))
     return sorted({0, num_levels, *picked})
+
+
+def sample_continuous(largest: float, count: int, seed: int, step: int) -> list[float]:
+    """``count`` continuous levels drawn uniformly from the open interval ``(0, largest)`` for ``step`` (sorted).
+
+    The ``uniform`` sampling mode trains these (as Omni-sparsity samples its sparsities). The draw uses its own
+    ``random.Random`` derived from ``(seed, step)``, so it is reproducible and resume-safe.
+    """
+    if count <= 0 or largest <= 0:
+        return []
+    rng = random.Random(f"uniform:{seed}:{step}")
+    drawn: list[float] = []
+    while len(drawn) < count:
+        value = rng.uniform(0.0, largest)
+        if 0.0 < value < largest:
+            drawn.append(value)
+    return sorted(drawn)

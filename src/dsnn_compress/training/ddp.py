@@ -94,13 +94,14 @@ def average_gradients(params: Iterable[nn.Parameter], dist_info: DistInfo) -> No
         param.grad /= dist_info.world
 
 
-def average_losses(losses: dict[int, float], dist_info: DistInfo, device: torch.device) -> dict[int, float]:
+def average_losses(losses: dict[int | str, float], dist_info: DistInfo,
+                   device: torch.device) -> dict[int | str, float]:
     """Each level's loss averaged over the ranks (all train the same levels), so logs show the global batch."""
     if dist_info.world <= 1 or not losses:
         return losses
     import torch.distributed as dist
 
-    keys: Sequence[int] = sorted(losses)
+    keys: Sequence[int | str] = sorted(losses, key=str)
     values = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return {k: v / dist_info.world for k, v in zip(keys, values.tolist())}

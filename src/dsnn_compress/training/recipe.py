@@ -66,8 +66,9 @@ from .recipe_fields import Betas, Device, FilePath, JsonMapping, Levels, LossWei
 DOCS_HINT = "see docs/recipes.md for every recipe key, its type and its allowed range"
 """The hint of a recipe value error."""
 
-SAMPLING_MODES = ("all", "sandwich")
-"""``sampling.mode`` choices: train every level each step, or dense + sparsest + k random middle levels."""
+SAMPLING_MODES = ("all", "sandwich", "uniform")
+"""``sampling.mode`` choices: train every level each step; dense + sparsest + k random middle levels; or dense +
+sparsest + k continuous levels drawn uniformly from (0, largest)."""
 LR_DECAYS = ("constant", "linear", "cosine", "inverse_sqrt")
 """``lr_schedule.decay`` choices."""
 KEEP_CHOICES = ("last", "best")
@@ -273,6 +274,10 @@ class Recipe(_Section):
                              f"{schedule.end_step}", DOCS_HINT, ("schedule.end_step", "schedule.start_step"))
         no_levels = self.levels == [] or (self.levels is None and self.model.init is None)
         why = "levels is [] (dense only)" if self.levels == [] else "levels is not set and there is no model.init"
+        if self.sampling.mode == "uniform" and no_levels:
+            raise rule_error(f"sampling.mode: uniform draws levels between dense and the sparsest level, but {why}",
+                             "set levels, e.g. [0.5, 0.7, 0.9], or use sampling.mode: all",
+                             ("sampling.mode", "levels"))
         for name, enabled in (("schedule", schedule.enabled), ("distillation", self.distillation.enabled)):
             if enabled and no_levels:
                 raise rule_error(f"{name}.enabled needs sparse levels, but {why}",

@@ -32,8 +32,9 @@ import torch
 
 from ..atomic import StagedOutputs
 from ..core import masked
+from ..core.continuous import keep_masks
 from ..core.levels import level_label
-from ..core.schedule import lr_at, sample_levels, should_update_codes
+from ..core.schedule import lr_at, sample_continuous, sample_levels, should_update_codes
 from ..data.batch import Batch
 from ..data.manifest import read_manifest
 from ..data.prepare import PreparedData, prepare_data
@@ -225,7 +226,7 @@ class Finetuner:
             lr, losses, grad_norm = self.train_step(batch)
             self.step += 1
             window += 1
-            self.last_losses = {self.labels[i]: v for i, v in losses.items()}
+            self.last_losses = {self.labels[i] if isinstance(i, int) else i: v for i, v in losses.items()}
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 self._record("step", {"step": self.step, "epoch": self.data.epoch, "lr": lr, "loss": self.last_losses,
@@ -247,7 +248,23 @@ class Finetuner:
                                          self.model_setup.groups, self.model_setup.allocation)
         broadcast_tensors(list(self.codes.values()), self.dist)
 
-    def train_step(self, batch: Batch) -> tuple[float, dict[int, float], float | None]:
+    def continuous_masks(self) -> list[dict[str, torch.Tensor]]:
+        """Keep-masks of the continuous levels the ``uniform`` sampling mode trains at this step (else none).
+
+        ``sampling.random_levels`` levels are drawn uniformly from ``(0, largest)``; each mask comes from
+        :func:`~dsnn_compress.core.continuous.keep_masks` on the current codes and the *current* weights'
+        magnitudes, which is how ``evaluate``/``transcribe`` serve that level from the bundle written at the end
+        (its stored weights are the trained weights). The masks are rebuilt every step since the weights move.
+        """
+        sampling = self.recipe.sampling
+        if sampling.mode != "uniform" or not self.levels:
+            return []
+        allocation = self.model_setup.base_metadata.get("allocation", self.recipe.allocation)
+        tensors = {n: self.params[n].detach() for n in self.codes}
+        values = sample_continuous(self.levels[-1], sampling.random_levels, self.cfg.seed, self.step)
+        return [keep_masks(tensors, self.codes, self.levels, value, allocation) for value in values]
+
+    def train_step(self, batch: Batch) -> tuple[float, dict[int | str, float], float | None]:
         """One optimizer step on ``batch`` at the sampled levels. Returns the LR, loss per level index, grad norm."""
         recipe, cfg = self.recipe, self.cfg
         if recipe.data.spec_augment:
@@ -258,10 +275,11 @@ class Finetuner:
             group["lr"] = lr
         indices = sample_levels(len(self.levels), recipe.sampling.mode, recipe.sampling.random_levels, cfg.seed,
                                 self.step)
+        extra = self.continuous_masks()
         self.optimizer.zero_grad(set_to_none=True)
         losses = masked.train_step(self.runner, self.params, self.codes, batch, indices, self.weights, self.distill,
-                                   recipe.distillation.temperature)
-        self.forward_passes += masked.passes_per_step(indices, self.weights, self.distill)
+                                   recipe.distillation.temperature, extra)
+        self.forward_passes += masked.passes_per_step(indices, self.weights, self.distill, len(extra))
         average_gradients(self.params.values(), self.dist)
         losses = average_losses(losses, self.dist, self.device)
         grad_norm = None
