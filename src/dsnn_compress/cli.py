@@ -59,6 +59,9 @@ def _command_line() -> list[str]:
     return ["dsnn", *[a for a in (sys.argv[1:] if _ARGS is None else _ARGS) if a != "--debug"]]
 
 
+KernelsOption = Annotated[str, typer.Option(
+    "--kernels", help="dense | sparse | auto: how pruned layers compute at sparse levels (sparse: CSR weights; auto: "
+                      "the faster per layer, timed at load).")]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify/--no-verify", help="Check the input's checksums before using it (default); files without checksums "
                                  "are read unverified.")]
@@ -202,9 +205,7 @@ def evaluate(
                                                                              "same plot (repeatable).")] = None,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each, "
                                                                       "500 = 10 s) instead of the model's.")] = None,
-    kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
-                                                           "levels (sparse: CSR weights; auto: the faster per layer, "
-                                                           "timed at load).")] = "dense",
+    kernels: KernelsOption = "dense",
     verify: VerifyOption = True,
     compact: Annotated[bool, typer.Option("--compact", help="Structured bundles: run each level as its physically "
                                                            "smaller model (RTFx of what export writes).")] = False,
@@ -260,9 +261,7 @@ def transcribe(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of FILE<TAB>TEXT lines.")] = False,
     audio_ctx: Annotated[int | None, typer.Option("--audio-ctx", help="Whisper: encoder positions (20 ms each) "
                                                                       "instead of the model's.")] = None,
-    kernels: Annotated[str, typer.Option("--kernels", help="dense | sparse | auto: how pruned layers compute at sparse "
-                                                           "levels (sparse: CSR weights; auto: the faster per layer, "
-                                                           "timed at load).")] = "dense",
+    kernels: KernelsOption = "dense",
     verify: VerifyOption = True,
 ) -> None:
     """Print one transcript per audio file: FILE<TAB>TRANSCRIPT."""
