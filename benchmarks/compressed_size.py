@@ -40,7 +40,7 @@ from dsnn_compress.core.compressed import COMPRESSION_KEY, PARTS
 from dsnn_compress.core.safetensors_io import read_safetensors, write_safetensors
 from dsnn_compress.demo import demo_assets
 from dsnn_compress.export.formats import export_level
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 
 LEVELS = (0.5, 0.7, 0.9)
 
@@ -98,7 +98,7 @@ def conformer(tmp: Path, fp32: bool) -> list[dict[str, Any]]:
         source = tmp / "conformer-fp32.safetensors"
         write_safetensors(source, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
         label = "conformer fp32"
-    bundle = prune_checkpoint(source, LEVELS, tmp / f"{label.replace(' ', '-')}.bundle.safetensors")
+    bundle = prune_checkpoint(source, tmp / f"{label.replace(' ', '-')}.bundle.safetensors", PruneOptions(LEVELS))
     return measure(bundle.path, checkpoint_export, lambda p: p, tmp, label.replace(" ", "-"))
 
 
@@ -117,7 +117,7 @@ def wav2vec2_base(tmp: Path) -> list[dict[str, Any]]:
     params = sum(p.numel() for p in model.parameters())
     print(f"wav2vec2-base: {params:,} parameters", file=sys.stderr)
     del model
-    bundle = prune_checkpoint(directory, LEVELS, tmp / "w2v2-base.bundle.safetensors")
+    bundle = prune_checkpoint(directory, tmp / "w2v2-base.bundle.safetensors", PruneOptions(LEVELS))
     return measure(bundle.path, hf_export, lambda p: p / "model.safetensors", tmp, "wav2vec2-base")
 
 

@@ -33,7 +33,7 @@ from bundle_fuzz import KINDS, OK_OUTCOMES, check_mutant, mutate  # noqa: E402
 from helpers import random_state_dict, write_checkpoint  # noqa: E402
 
 from dsnn_compress.core.bundle import load_bundle  # noqa: E402
-from dsnn_compress.prune import prune_checkpoint  # noqa: E402
+from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
 
 OUTCOMES = ("rejected", "loaded-equal", "loaded-different", "crash", "hang", "paths-disagree", "parser-disagrees")
 
@@ -52,8 +52,8 @@ def main() -> int:
         original = args.bundle
         if original is None:
             original = work / "bundle.safetensors"
-            prune_checkpoint(write_checkpoint(work / "dense.safetensors", random_state_dict(0)), (0.5, 0.7, 0.9),
-                             original)
+            prune_checkpoint(write_checkpoint(work / "dense.safetensors", random_state_dict(0)), original,
+                             PruneOptions((0.5, 0.7, 0.9)))
         raw, reference = original.read_bytes(), load_bundle(original)
         rng = random.Random(args.seed)
         counts: Counter[tuple[str, str]] = Counter()

@@ -90,7 +90,7 @@ def _peak_rss() -> int:
 
 def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str, Any]:
     from dsnn_compress.core.bundle import save_bundle
-    from dsnn_compress.prune import build_bundle
+    from dsnn_compress.prune import PruneOptions, build_bundle
     from dsnn_compress.sources.opener import open_source
 
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def child_prune(model_dir: Path, bundle: Path, levels: list[float]) -> dict[str,
     source = open_source(model_dir)
     _ = source.sha256  # what prune records (the old load_source hashed eagerly)
     t1 = time.perf_counter()
-    result = build_bundle(source, levels)
+    result = build_bundle(source, PruneOptions(levels))
     t2 = time.perf_counter()
     save_bundle(result, bundle)
     t3 = time.perf_counter()

@@ -6,7 +6,7 @@ biases), writes it as ``.safetensors`` to a temporary directory (streamed tensor
 checkpoint never sits in this process's memory), then runs each measurement in a fresh subprocess so that the peak
 RSS (``ru_maxrss`` of the child) belongs to that measurement alone:
 
-* ``ours``: ``prune_checkpoint(src, levels, out)`` - load + rank once + write the bundle (fsync included);
+* ``ours``: ``prune_checkpoint(src, out, PruneOptions(levels))`` - load + rank once + write the bundle (fsync included);
 * ``baseline``: ``safetensors.torch.load_file`` + one ``torch.nn.utils.prune.l1_unstructured`` call per level per
   prunable tensor (each tensor wrapped in a fresh module); with ``--allocation global``, one
   ``prune.global_unstructured(..., L1Unstructured)`` call per level over all prunable tensors. The baseline writes
@@ -170,11 +170,11 @@ def child_ours(src: Path, out: Path, levels: list[float], allocation: str) -> di
 
         return wrapper
 
-    prune_mod.load_source = timed("load", prune_mod.load_source)
+    prune_mod.open_source = timed("load", prune_mod.open_source)
     prune_mod.save_bundle = timed("write", prune_mod.save_bundle)
     rss_before = _peak_rss_bytes()["ru_maxrss"]
     t0 = time.perf_counter()
-    bundle = prune_mod.prune_checkpoint(src, levels, out, allocation=allocation)
+    bundle = prune_mod.prune_checkpoint(src, out, prune_mod.PruneOptions(levels, allocation=allocation))
     wall = time.perf_counter() - t0
     phases["rank"] = wall - phases.get("load", 0.0) - phases.get("write", 0.0)
     peak = _peak_rss_bytes()

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsnn_compress.evaluation.evaluate import evaluate
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.report.plot import plot_wer
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import finetune
@@ -97,7 +97,7 @@ def run_single_level(level: float, args: argparse.Namespace, work: Path) -> dict
         entry = evaluate(output, args.test)["levels"][0]
     else:
         pruned = work / f"pruned-{level:g}.safetensors"
-        prune_checkpoint(args.baseline, [level], pruned)
+        prune_checkpoint(args.baseline, pruned, PruneOptions([level]))
         recipe = _recipe(args, pruned, output, sampling={"mode": "all", "loss_weights": [0.0, 1.0]})
         passes = finetune(recipe, force=True, report=_progress).forward_passes
         entry = evaluate(output, args.test)["levels"][-1]
@@ -130,7 +130,7 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
     started = time.perf_counter()
     passes = 0
     bundle = work / "pruned.safetensors"
-    prune_checkpoint(args.baseline, levels, bundle)
+    prune_checkpoint(args.baseline, bundle, PruneOptions(levels))
     model = bundle
     if name != "a":
         extra: dict[str, Any] = {"sampling": {"mode": "sandwich" if name == "d" else "all", "random_levels": 1,

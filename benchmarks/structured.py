@@ -38,7 +38,7 @@ from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.evaluation.evaluate import evaluate  # noqa: E402
 from dsnn_compress.export.formats import export_level  # noqa: E402
-from dsnn_compress.prune import prune_checkpoint  # noqa: E402
+from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
 from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> None:
     for granularity in ("weight", "structured"):
         path = work / f"{granularity}.safetensors"
         if not path.exists():
-            prune_checkpoint(DENSE, LEVELS, path, granularity=granularity)
+            prune_checkpoint(DENSE, path, PruneOptions(LEVELS, granularity=granularity))
         if args.finetune_steps:
             path = _finetune(path, args.finetune_steps, work)
         bundles[granularity] = path

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnn_compress.evaluation.evaluate import evaluate
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import finetune
 
@@ -104,7 +104,7 @@ def tuned(args: argparse.Namespace, name: str, levels: list[float], single: bool
     pruned, output = work / f"{name}-pruned.safetensors", work / f"{name}.safetensors"
     start = time.perf_counter()
     if levels:
-        prune_checkpoint(args.model, levels, pruned)
+        prune_checkpoint(args.model, pruned, PruneOptions(levels))
     prune_seconds = time.perf_counter() - start
     result = finetune(recipe(args, pruned if levels else args.model, output, levels, single), force=True)
     report = run_eval(output, args)
@@ -162,7 +162,7 @@ def main() -> int:
             def curve(allocation: str = allocation) -> dict[str, Any]:
                 bundle = args.out / "runs" / f"oneshot-{allocation}.safetensors"
                 start = time.perf_counter()
-                prune_checkpoint(args.model, list(CURVE), bundle, allocation=allocation)
+                prune_checkpoint(args.model, bundle, PruneOptions(list(CURVE), allocation=allocation))
                 seconds = time.perf_counter() - start
                 return {**run_eval(bundle, args, data=args.test100), "prune_seconds": round(seconds, 1),
                         "bundle_bytes": bundle.stat().st_size}
@@ -171,7 +171,7 @@ def main() -> int:
         for part, patterns in PARTS.items():
             def only(patterns: list[str] = patterns, part: str = part) -> dict[str, Any]:
                 bundle = args.out / "runs" / f"part-{part}.safetensors"
-                prune_checkpoint(args.model, [0.5], bundle, include=patterns)
+                prune_checkpoint(args.model, bundle, PruneOptions([0.5], include=patterns))
                 return run_eval(bundle, args, "0.5", data=args.test100)
             results[f"part-{part}"] = cached(args.out, f"part-{part}", only)
     if "report" in stages:

@@ -29,7 +29,7 @@ from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import normalize_text
 from dsnn_compress.models.base import ModelAdapter
 from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
 
 DATA = Path(__file__).parent / "data"
@@ -90,7 +90,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     checkpoint = root / "dense.safetensors"
     save_checkpoint(adapter, checkpoint)
     bundle = root / "bundle.safetensors"
-    prune_checkpoint(checkpoint, LEVELS, bundle)
+    prune_checkpoint(checkpoint, bundle, PruneOptions(LEVELS))
     return TinyModel(checkpoint, bundle, root)
 
 

@@ -7,6 +7,7 @@ options; test_evaluate: manifests and gates; test_transcribe: audio; test_cli_fi
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +141,22 @@ OPTION_CASES: dict[str, tuple[list[str], int, str]] = {
     "finetune-missing-data": (["finetune", "{bundle}", "--data", "{out}/none.jsonl", "-o", "{out}/f.safetensors"], 1,
                               "none.jsonl"),
     "prune-allocation": (["prune", "{checkpoint}", "--levels", "0.5", "--allocation", "x", "-o",
-                          "{out}/p.safetensors"], 2, "'x' is not one of per-layer, global"),
+                          "{out}/p.safetensors"], 2, "unknown allocation 'x'; choose one of per-layer"),
+    "prune-method": (["prune", "{checkpoint}", "--levels", "0.5", "--method", "obs", "-o", "{out}/p.safetensors"], 2,
+                     "unknown pruning method 'obs'; choose one of magnitude, wanda"),
+    "prune-wanda-without-calibration": (["prune", "{checkpoint}", "--levels", "0.5", "--method", "wanda", "-o",
+                                         "{out}/p.safetensors"], 2, "--method wanda scores weights from activations"),
+    "prune-sensitivity-without-calibration": (["prune", "{checkpoint}", "--levels", "0.5", "--profile", "sensitivity",
+                                               "-o", "{out}/p.safetensors"], 2, "add --calibration MANIFEST"),
+    "prune-calibration-without-usable-audio": (["prune", "{checkpoint}", "--levels", "0.5", "--method", "wanda",
+                                                "--calibration", "{unusable}", "-o", "{out}/p.safetensors"], 2,
+                                               "holds no usable audio: 1 utterance(s) skipped"),
+    "prune-profile": (["prune", "{checkpoint}", "--levels", "0.5", "--profile", "flat", "-o", "{out}/p.safetensors"],
+                      2, "unknown sparsity profile 'flat'"),
+    "prune-profile-global": (["prune", "{checkpoint}", "--levels", "0.5", "--profile", "owl", "--allocation", "global",
+                              "-o", "{out}/p.safetensors"], 2, "--profile owl sets each block's sparsity"),
+    "finetune-without-transcripts": (["finetune", "{bundle}", "--data", "{audio_only}", "-o", "{out}/f.safetensors"],
+                                     2, "have no transcript ('text'), and there is no teacher"),
     "demo-duplicate-level": (["demo", "--levels", "0.5,0.5", "--out", "{out}/d"], 2, "0.5 is given twice"),
     "demo-level-text": (["demo", "--levels", "abc", "--out", "{out}/d"], 2, "'abc' is not a number"),
     "demo-only-dense": (["demo", "--levels", "0", "--out", "{out}/d"], 2, "no sparse level given"),
@@ -154,8 +170,13 @@ def test_bad_option(case: str, tiny_model: TinyModel, tmp_path: Path, capsys: py
     out = tmp_path / "out"
     out.mkdir()
     bundle = Path(shutil.copy(tiny_model.bundle, tmp_path / "bundle.safetensors"))
+    unusable = tmp_path / "unusable.jsonl"  # audio that does not exist: no usable calibration clip
+    unusable.write_text(json.dumps({"audio_filepath": str(tmp_path / "missing.wav")}) + "\n")
+    audio_only = tmp_path / "audio-only.jsonl"  # the test manifest without its transcripts
+    audio_only.write_text("".join(json.dumps({"audio_filepath": str(MANIFEST.parent / row["audio_filepath"])}) + "\n"
+                                  for row in map(json.loads, MANIFEST.read_text().splitlines())))
     values = {"bundle": bundle, "checkpoint": tiny_model.checkpoint, "manifest": MANIFEST, "audio": AUDIO_FILE,
-              "out": out}
+              "out": out, "unusable": unusable, "audio_only": audio_only}
     result = run_cli(capsys, *[a.format(**values) for a in args])
     assert result.code == code, result.err
     assert_one_error_line(result.err, fragment)

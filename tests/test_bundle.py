@@ -19,7 +19,7 @@ from dsnn_compress.core.levels import parse_level
 from dsnn_compress.core.masks import compute_codes, pack_codes, unpack_codes
 from dsnn_compress.core.safetensors_io import write_safetensors
 from dsnn_compress.errors import DsnnError, UsageError
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.opener import open_source
 
 LEVELS = (0.5, 0.7, 0.9)
@@ -39,7 +39,7 @@ def source_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bundle_path(tmp_path_factory: pytest.TempPathFactory, source_path: Path) -> Path:
     """A read-only bundle of ``source_path`` at LEVELS."""
     out = tmp_path_factory.mktemp("bundle") / "bundle.safetensors"
-    prune_checkpoint(source_path, LEVELS, out)
+    prune_checkpoint(source_path, out, PruneOptions(LEVELS))
     return out
 
 
@@ -98,7 +98,7 @@ def decode_independently(path: Path) -> tuple[list[float], dict[str, np.ndarray]
 def test_independent_numpy_decoder_reproduces_every_level(tmp_path: Path) -> None:
     state = {k: v for k, v in random_state_dict(1).items() if v.dtype != torch.bfloat16}  # numpy has no bf16
     src = write_checkpoint(tmp_path / "dense.safetensors", state)
-    bundle = prune_checkpoint(src, LEVELS, tmp_path / "bundle.safetensors", allocation="global")
+    bundle = prune_checkpoint(src, tmp_path / "bundle.safetensors", PruneOptions(LEVELS, allocation="global"))
     levels, tensors, codes = decode_independently(tmp_path / "bundle.safetensors")
     assert levels == list(LEVELS)
     assert sorted(codes) == sorted(n for n in DEFAULT_PRUNED if n in state)
@@ -115,8 +115,8 @@ def test_independent_numpy_decoder_reproduces_every_level(tmp_path: Path) -> Non
 
 
 def test_identical_inputs_give_identical_bytes(tmp_path: Path, source_path: Path) -> None:
-    prune_checkpoint(source_path, LEVELS, tmp_path / "a.safetensors")
-    prune_checkpoint(source_path, LEVELS, tmp_path / "b.safetensors")
+    prune_checkpoint(source_path, tmp_path / "a.safetensors", PruneOptions(LEVELS))
+    prune_checkpoint(source_path, tmp_path / "b.safetensors", PruneOptions(LEVELS))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     state = random_state_dict(2)
     write_safetensors(tmp_path / "x.safetensors", state, {"k": "v"})
@@ -134,7 +134,7 @@ def test_bundle_size_overhead(tmp_path: Path) -> None:
     }
     src = write_checkpoint(tmp_path / "dense.safetensors", state)
     out = tmp_path / "bundle.safetensors"
-    prune_checkpoint(src, LEVELS, out)
+    prune_checkpoint(src, out, PruneOptions(LEVELS))
     dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
     code_bytes = math.ceil(1000 * 1000 * 2 / 8) + math.ceil(64 * 64 * 2 / 8)
     size = out.stat().st_size
@@ -251,7 +251,7 @@ def test_load_rejects_corrupt_bundle(tmp_path: Path, bundle_path: Path, case: st
 def test_load_rejects_code_values_above_level_count(tmp_path: Path, source_path: Path) -> None:
     # Two levels use 2-bit codes, so the value 3 fits in the stream but means nothing.
     good = tmp_path / "two.safetensors"
-    prune_checkpoint(source_path, (0.5, 0.8), good)
+    prune_checkpoint(source_path, good, PruneOptions((0.5, 0.8)))
     assert int(load_bundle(good).codes["enc.ff.weight"].max()) == 2
     bad = rewrite(good, tmp_path / "bad.safetensors", tensors_fn=set_code("enc.ff.weight", 5, 3, 2))
     with pytest.raises(DsnnError, match="exceed 2 levels"):

@@ -21,7 +21,7 @@ from dsnn_compress.core.compressed import (
 )
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.export.formats import export_level
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.opener import open_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,7 +118,7 @@ def fp32_bundle(tmp_path_factory):
              "enc.ff2.bias": torch.randn(256, generator=gen),
              **random_state_dict(5, scale=2)}
     checkpoint = write_checkpoint(root / "dense.safetensors", state)
-    return prune_checkpoint(checkpoint, [0.5, 0.7, 0.9], root / "bundle.safetensors")
+    return prune_checkpoint(checkpoint, root / "bundle.safetensors", PruneOptions([0.5, 0.7, 0.9]))
 
 
 @pytest.mark.parametrize("level", [0.0, 0.5, 0.8, 0.9])

@@ -18,7 +18,7 @@ from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.models.registry import new_adapter
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
 
 REAL_ASSETS = demo_module.demo_assets()
@@ -51,7 +51,8 @@ def tiny_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for param in adapter.model.parameters():
             param.mul_(1.5)
     save_checkpoint(adapter, tmp_path / "trained.safetensors")
-    prune_checkpoint(tmp_path / "trained.safetensors", [0.5, 0.7, 0.9], assets / demo_module.SHIPPED_BUNDLE)
+    prune_checkpoint(tmp_path / "trained.safetensors", assets / demo_module.SHIPPED_BUNDLE,
+                     PruneOptions([0.5, 0.7, 0.9]))
     monkeypatch.setattr(demo_module, "demo_assets", lambda: assets)
     return assets
 
@@ -153,7 +154,7 @@ def test_the_shipped_bundle_is_the_trained_dsnn_model_of_the_embedded_one(tmp_pa
     subset = tmp_path / "eval.jsonl"
     subset.write_text("\n".join((REAL_ASSETS / "eval.jsonl").read_text().splitlines()[:8]) + "\n")
     (tmp_path / "eval").symlink_to(REAL_ASSETS / "eval", target_is_directory=True)
-    prune_checkpoint(REAL_ASSETS / "model.safetensors", [0.7], tmp_path / "oneshot.safetensors")
+    prune_checkpoint(REAL_ASSETS / "model.safetensors", tmp_path / "oneshot.safetensors", PruneOptions([0.7]))
     oneshot = evaluate(tmp_path / "oneshot.safetensors", subset, levels=[0.7])["levels"][0]["wer"]
     trained = evaluate(REAL_ASSETS / demo_module.SHIPPED_BUNDLE, subset, levels=[0.7])["levels"][0]["wer"]
     assert trained < 0.75 * oneshot, (trained, oneshot)

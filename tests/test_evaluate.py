@@ -33,7 +33,7 @@ from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.evaluation.scoring import char_errors, word_errors
 from dsnn_compress.models.builtin import BuiltinAdapter
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
                "gates", "kernels"}
@@ -464,7 +464,7 @@ def test_bundle_without_model_metadata(tiny_model, tmp_path, capsys):
     plain = tmp_path / "plain.safetensors"
     save_file(tensors, str(plain))
     bundle = tmp_path / "anonymous.safetensors"
-    prune_checkpoint(plain, [0.5], bundle)
+    prune_checkpoint(plain, bundle, PruneOptions([0.5]))
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", bundle, "--data", MANIFEST, "--json", out)
     assert code == 1

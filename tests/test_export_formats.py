@@ -14,7 +14,7 @@ from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.export.formats import export_level, export_levels, level_output_path
 from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
 from dsnn_compress.sources.runnable import load_checkpoint_adapter
 
@@ -32,7 +32,7 @@ def bundle_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                  else {"hidden": 16, "num_layers": 1})
     adapter = new_adapter(request.param, VOCABULARY, size="xs", overrides=overrides)
     save_checkpoint(adapter, root / "dense.safetensors")
-    prune_checkpoint(root / "dense.safetensors", [0.5, 0.9], root / "bundle.safetensors")
+    prune_checkpoint(root / "dense.safetensors", root / "bundle.safetensors", PruneOptions([0.5, 0.9]))
     return root / "bundle.safetensors"
 
 
@@ -100,7 +100,7 @@ def test_onnx_without_model_description_is_a_clear_error(tmp_path: Path, capsys:
     from safetensors.torch import save_file
 
     save_file({"layer.weight": torch.randn(8, 8)}, str(tmp_path / "plain.safetensors"))
-    prune_checkpoint(tmp_path / "plain.safetensors", [0.5], tmp_path / "b.safetensors")
+    prune_checkpoint(tmp_path / "plain.safetensors", tmp_path / "b.safetensors", PruneOptions([0.5]))
     code, _, err = run_cli(capsys, "export", tmp_path / "b.safetensors", "--level", "0.5", "-o", tmp_path / "m.onnx")
     assert code == 1
     assert_one_error_line(err, "no model description")

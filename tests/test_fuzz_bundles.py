@@ -13,7 +13,7 @@ from bundle_fuzz import KINDS, OK_OUTCOMES, Layout, check_mutant, mutate
 from helpers import random_state_dict, write_checkpoint
 
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,7 +25,8 @@ SEED = 16
 def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fuzz")
     out = root / "bundle.safetensors"
-    prune_checkpoint(write_checkpoint(root / "dense.safetensors", random_state_dict(0)), (0.5, 0.7, 0.9), out)
+    prune_checkpoint(write_checkpoint(root / "dense.safetensors", random_state_dict(0)), out,
+                     PruneOptions((0.5, 0.7, 0.9)))
     return out
 
 

@@ -22,7 +22,7 @@ import dsnn_compress.core.safetensors_io as safetensors_io
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.errors import DsnnError
 from dsnn_compress.export.formats import export_level
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.opener import open_source
 from dsnn_compress.sources.runnable import load_model
 
@@ -74,7 +74,7 @@ def bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("integrity")
     dense = write_checkpoint(root / "dense.safetensors", random_state_dict(0))
     out = root / "bundle.safetensors"
-    prune_checkpoint(dense, LEVELS, out)
+    prune_checkpoint(dense, out, PruneOptions(LEVELS))
     return out
 
 
@@ -227,8 +227,8 @@ def two_bundles(root: Path, checkpoint: Path) -> tuple[Path, Path, Path]:
     """Runnable bundles A and B of ``checkpoint`` with different levels (different sizes too), and the path that
     will flip between them."""
     a, b = root / "a.safetensors", root / "b.safetensors"
-    prune_checkpoint(checkpoint, (0.5, 0.9), a)
-    prune_checkpoint(checkpoint, (0.3,), b)
+    prune_checkpoint(checkpoint, a, PruneOptions((0.5, 0.9)))
+    prune_checkpoint(checkpoint, b, PruneOptions((0.3,)))
     assert a.stat().st_size != b.stat().st_size
     target = root / "model.safetensors"
     shutil.copy(a, target)
@@ -280,7 +280,7 @@ def test_prune_refuses_a_source_that_became_a_bundle_after_the_check(
 
     monkeypatch.setattr(opener, "read_safetensors_metadata", check_then_replace)
     with pytest.raises(DsnnError, match="already a DSNN bundle"):
-        prune_checkpoint(dense, LEVELS, tmp_path / "out.safetensors")
+        prune_checkpoint(dense, tmp_path / "out.safetensors", PruneOptions(LEVELS))
     assert not (tmp_path / "out.safetensors").exists()
 
 

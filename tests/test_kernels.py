@@ -25,7 +25,7 @@ from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.evaluation.transcribe import transcribe
 from dsnn_compress.models.registry import new_adapter
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
 from dsnn_compress.sources.runnable import load_model
 
@@ -268,7 +268,7 @@ def lstm_bundle(tmp_path_factory, one_torch_thread) -> Path:
     adapter = new_adapter("lstm-ctc", vocabulary=VOCABULARY, size="xs",
                           overrides={"hidden": 16, "num_layers": 1, "dropout": 0.0}, features={"n_mels": 40})
     save_checkpoint(adapter, root / "dense.safetensors")
-    prune_checkpoint(root / "dense.safetensors", [0.5, 0.9], root / "bundle.safetensors")
+    prune_checkpoint(root / "dense.safetensors", root / "bundle.safetensors", PruneOptions([0.5, 0.9]))
     return root / "bundle.safetensors"
 
 

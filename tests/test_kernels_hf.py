@@ -20,7 +20,7 @@ from whisper_fixtures import build_whisper_dir  # noqa: E402
 from dsnn_compress.core.kernels import SparseLinear  # noqa: E402
 from dsnn_compress.data.audio import load_audio  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
-from dsnn_compress.prune import prune_checkpoint  # noqa: E402
+from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
 from dsnn_compress.sources.runnable import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,7 +39,7 @@ def bundles(tmp_path_factory, one_torch_thread) -> SimpleNamespace:
     directories = {"hf": build_hf_dir(root / "w2v", "w2v-layer"), "whisper": build_whisper_dir(root / "wh")}
     for name, directory in directories.items():
         bundle = root / f"{name}.safetensors"
-        prune_checkpoint(directory, [0.5, 0.9], bundle)
+        prune_checkpoint(directory, bundle, PruneOptions([0.5, 0.9]))
         out[name] = bundle
     return SimpleNamespace(**out)
 

@@ -12,7 +12,7 @@ from dsnn_compress.core.bundle import Bundle, load_bundle
 from dsnn_compress.core.masked import masked_parameters
 from dsnn_compress.core.sparsity import attach
 from dsnn_compress.errors import DsnnError, UsageError
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 
 LEVELS = (0.3, 0.6, 0.9)
 PRUNED = ["lstm.weight_hh_l0", "lstm.weight_hh_l0_reverse", "lstm.weight_ih_l0", "lstm.weight_ih_l0_reverse",
@@ -41,7 +41,7 @@ def new_net(seed: int) -> Net:
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     tmp = tmp_path_factory.mktemp("sparsity")
     src = write_checkpoint(tmp / "dense.safetensors", new_net(0).state_dict())
-    prune_checkpoint(src, LEVELS, tmp / "bundle.safetensors")
+    prune_checkpoint(src, tmp / "bundle.safetensors", PruneOptions(LEVELS))
     loaded = load_bundle(tmp / "bundle.safetensors")
     assert sorted(loaded.codes) == PRUNED
     return loaded

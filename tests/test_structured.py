@@ -23,7 +23,7 @@ from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.export.formats import export_level
 from dsnn_compress.models.registry import FAMILIES, adapter_from_metadata, get_family, new_adapter, register_family
 from dsnn_compress.models.structure import model_groups
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
 from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model
 from dsnn_compress.sources.structured_runtime import StructuredViews
@@ -67,7 +67,8 @@ def _masked_reference(bundle_path: Path, level: float) -> torch.nn.Module:
 def structured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp(request.param)
     save_checkpoint(_adapter(request.param), root / "dense.safetensors")
-    prune_checkpoint(root / "dense.safetensors", LEVELS, root / "bundle.safetensors", granularity="structured")
+    prune_checkpoint(root / "dense.safetensors", root / "bundle.safetensors",
+                     PruneOptions(LEVELS, granularity="structured"))
     return root / "bundle.safetensors"
 
 
@@ -234,8 +235,8 @@ def test_inspect_shows_what_each_level_keeps(structured: Path, capsys: pytest.Ca
 def test_lstm_global_levels_are_refused_for_compact_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     adapter = _adapter("lstm-ctc")
     save_checkpoint(adapter, tmp_path / "dense.safetensors")
-    prune_checkpoint(tmp_path / "dense.safetensors", [0.5], tmp_path / "g.safetensors", allocation="global",
-                     granularity="structured")
+    prune_checkpoint(tmp_path / "dense.safetensors", tmp_path / "g.safetensors",
+                     PruneOptions([0.5], allocation="global", granularity="structured"))
     bundle = load_bundle(tmp_path / "g.safetensors")
     if len(set(bundle.structured.kept(1).values())) == 1:
         pytest.skip("the global ranking happened to keep equal counts per layer")

@@ -25,7 +25,7 @@ from helpers import assert_usage_error, run_cli, run_dsnn, start_dsnn
 
 from dsnn_compress.core import masked
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.core.masked import distillation_loss, masked_parameters, run_at_level, train_step
+from dsnn_compress.core.masked import StepPlan, distillation_loss, masked_parameters, run_at_level, train_step
 from dsnn_compress.core.schedule import lr_at, sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
@@ -180,7 +180,7 @@ def test_gradients_do_not_reach_weights_pruned_at_the_trained_level(tmp_path: Pa
 
     def grads(levels: list[int]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        train_step(runner, params, codes, batch, levels, [1.0, 1.0, 1.0])
+        train_step(runner, params, codes, batch, StepPlan(levels, [1.0, 1.0, 1.0]))
         return {n: params[n].grad.clone() for n in codes}
 
     for levels, floor in (([1], 1), ([2], 2), ([1, 2], 1)):
@@ -212,7 +212,7 @@ def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path,
     def grads(levels: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         forwards.clear()
-        losses = train_step(runner, params, setup.codes, batch, levels, weights)
+        losses = train_step(runner, params, setup.codes, batch, StepPlan(levels, weights))
         trained = [i for i in sorted(levels) if weights[i] > 0]
         assert sorted(losses) == trained
         assert sorted(forwards) == trained  # a zero-weight level costs no forward pass
@@ -227,7 +227,7 @@ def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path,
     expected = {n: (without[n] + with_level[n]) / 2 for n in without}
     assert max_abs_diff(half, expected) < 1e-5
     forwards.clear()  # a zero-weight dense level still runs once, without gradient, as the distillation teacher
-    losses = train_step(runner, params, setup.codes, batch, [0, 2], [0.0, 1.0, 1.0], distill_weight=1.0)
+    losses = train_step(runner, params, setup.codes, batch, StepPlan([0, 2], [0.0, 1.0, 1.0], distill_weight=1.0))
     assert forwards == [0, 2] and sorted(losses) == [2]
 
 
@@ -367,8 +367,8 @@ def test_train_step_adds_weighted_distillation_to_sparse_levels(tmp_path: Path):
     params = dict(model.named_parameters())
     runner = AdapterRunner(setup.adapter)
     batch = batch_of(setup.adapter, recipe)
-    losses = train_step(runner, params, setup.codes, batch, [0, 2], [1.0, 1.0, 1.0], distill_weight=0.5,
-                        temperature=2.0)
+    losses = train_step(runner, params, setup.codes, batch, StepPlan([0, 2], [1.0, 1.0, 1.0], distill_weight=0.5,
+                                                                  temperature=2.0))
     with torch.no_grad():
         _, teacher, _ = run_at_level(runner, params, setup.codes, 0, batch, "loss")
         ctc, student, lengths = run_at_level(runner, params, setup.codes, 2, batch, "loss")
@@ -378,7 +378,8 @@ def test_train_step_adds_weighted_distillation_to_sparse_levels(tmp_path: Path):
     assert kl > 0
     assert losses[2] == pytest.approx(float(ctc) + 0.5 * kl, rel=1e-5)
     # without the dense level in the step, the teacher is still the dense output
-    again = train_step(runner, params, setup.codes, batch, [2], [1.0, 1.0, 1.0], distill_weight=0.5, temperature=2.0)
+    again = train_step(runner, params, setup.codes, batch, StepPlan([2], [1.0, 1.0, 1.0], distill_weight=0.5,
+                                                                  temperature=2.0))
     assert again[2] == pytest.approx(losses[2], rel=1e-5)
 
 

@@ -15,7 +15,7 @@ from helpers import assert_usage_error, run_cli
 
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.core.continuous import keep_masks
-from dsnn_compress.core.masked import run_with_masks, train_step
+from dsnn_compress.core.masked import StepPlan, run_with_masks, train_step
 from dsnn_compress.core.schedule import sample_continuous, sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
@@ -118,7 +118,7 @@ def test_a_continuous_level_gets_gradient_only_where_its_mask_keeps(tmp_path: Pa
     dataset = SpeechDataset(utterances, setup.adapter.prepare, setup.adapter.encode_text, setup.adapter.sample_rate)
     batch = collate([dataset[i] for i in range(4)])
     mask = keep_masks({n: params[n].detach() for n in setup.codes}, setup.codes, setup.levels, 0.65)
-    losses = train_step(runner, params, setup.codes, batch, [], [1.0, 1.0, 1.0], extra_masks=[mask])
+    losses = train_step(runner, params, setup.codes, batch, StepPlan([], [1.0, 1.0, 1.0], extra_masks=[mask]))
     for name in setup.codes:
         grad = params[name].grad
         assert torch.count_nonzero(grad[~mask[name]]) == 0 and torch.count_nonzero(grad[mask[name]]) > 0

@@ -78,13 +78,25 @@ def _split_patterns(values: list[str] | None) -> list[str]:
 def prune(
     checkpoint: Annotated[Path, typer.Argument(
         metavar="CHECKPOINT",
-        help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a Hugging Face save_pretrained directory.")],
+        help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a Hugging Face / faster-whisper model "
+             "directory.")],
     levels: Annotated[str, typer.Option("--levels", "-l", help="Sparse levels, e.g. 0.5,0.7,0.9.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.safetensors).")],
-    allocation: Annotated[str, typer.Option(help="per-layer or global.")] = "per-layer",
-    granularity: Annotated[str, typer.Option(help="weight (per-weight magnitude masks) or structured (whole "
+    allocation: Annotated[str, typer.Option(help="How weights compete: per-layer (each tensor), global (all "
+                                                 "tensors) or per-row (each output row, as Wanda).")] = "per-layer",
+    granularity: Annotated[str, typer.Option(help="weight (per-weight masks) or structured (whole "
                                                   "neurons/heads/channels: levels export as smaller, faster "
                                                   "models).")] = "weight",
+    method: Annotated[str, typer.Option(help="Weight score: magnitude, or wanda (|w| x input RMS on calibration "
+                                             "audio; needs --calibration).")] = "magnitude",
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Manifest of calibration audio (transcripts not needed) the model runs on for "
+                              "--method wanda and --profile sensitivity.")] = None,
+    calibration_utterances: Annotated[int, typer.Option(
+        help="Calibration clips used (the first usable ones).")] = 64,
+    profile: Annotated[str, typer.Option(help="Per-layer sparsity of each level: uniform, owl (outlier-weighted, "
+                                              "from the scores) or sensitivity (measured calibration loss; "
+                                              "needs --calibration).")] = "uniform",
     include: Annotated[list[str] | None, typer.Option("--include", help="Glob on parameter names to prune "
                                                                         "(structured: on group set names; "
                                                                         "repeatable).")] = None,
@@ -94,32 +106,32 @@ def prune(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     verify: VerifyOption = True,
 ) -> None:
-    """Rank weights once and write one bundle holding every nested sparsity level."""
+    """Score weights once and write one bundle holding every nested sparsity level."""
     from .core.levels import parse_levels
-    from .core.masks import ALLOCATIONS
-    from .prune import prune_checkpoint
+    from .prune import PruneOptions, PruneProgress, prune_checkpoint
     from .report.tables import inspect_report, levels_table, to_json
 
-    if allocation not in ALLOCATIONS:
-        raise typer.BadParameter(f"{allocation!r} is not one of {', '.join(ALLOCATIONS)}", param_hint="--allocation")
+    options = PruneOptions(parse_levels(levels), allocation, granularity, _split_patterns(include),
+                           _split_patterns(exclude), method, profile, calibration, calibration_utterances,
+                           command=_command_line())
+    options.check()
     notes: list[str] = []
     with progress() as bar:
         task = bar.add_task("loading", total=None, info=str(checkpoint))
 
         def on_stage(stage: str) -> None:
-            bar.update(task, description=stage, info=str(output) if stage == "writing" else "",
-                       **({"total": 1, "completed": 0} if stage == "ranking" else {}))
+            bar.update(task, description=stage, info=str(output) if stage == "writing" else "", total=None,
+                       completed=0)
 
-        bundle = prune_checkpoint(checkpoint, parse_levels(levels), output, allocation, _split_patterns(include),
-                                  _split_patterns(exclude), command=_command_line(), force=force,
-                                  on_progress=lambda done, total: bar.update(task, total=total, completed=done),
-                                  on_stage=on_stage, on_note=notes.append, verify=verify, granularity=granularity)
+        bundle = prune_checkpoint(checkpoint, output, options, force=force, verify=verify,
+                                  progress=PruneProgress(on_stage, lambda done, total: bar.update(
+                                      task, total=total, completed=done), notes.append))
     report = inspect_report(bundle, output.stat().st_size)
     if json_out:
         print(to_json({k: v for k, v in report.items() if k != "tensors"}))
         return
     for note in notes:
-        err.print(f"note: {note}")
+        err.print(f"note: {note}", highlight=False)
     out.print(levels_table(report, f"wrote {output} ({len(bundle.codes)} pruned tensors)"))
 
 
@@ -295,6 +307,9 @@ def finetune(
     sampling: Annotated[str | None, typer.Option("--sampling", help="all, sandwich or uniform.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="training.seed")] = None,
     keep: Annotated[str | None, typer.Option("--keep", help="last or best (best on dev).")] = None,
+    teacher: Annotated[Path | None, typer.Option(
+        "--teacher", help="Frozen original model every level learns from (distillation.teacher); with it --data may "
+                          "be audio without transcripts (the teacher's transcripts become the targets).")] = None,
     set_values: Annotated[list[str] | None, typer.Option("--set", help="Override any recipe key: "
                                                                        "--set training.grad_clip=1.0")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the training state.")] = False,
@@ -309,7 +324,7 @@ def finetune(
     from .training.trainer import finetune as run_finetune
 
     flags = {"model": model, "data": data, "dev": dev, "output": output, "steps": steps, "lr": lr,
-             "sampling": sampling, "seed": seed, "keep": keep}
+             "sampling": sampling, "seed": seed, "keep": keep, "teacher": teacher}
     recipe = recipe_from_options(recipe_path, flags, set_values or [], levels)
     with TrainingDisplay(json_mode=json_out) as display:
         result = run_finetune(recipe, resume=resume, force=force, report=display.report, verify=verify)

@@ -184,7 +184,7 @@ def _demo_steps(out: Path, assets: Path, bundle: ShippedBundle, levels: Sequence
     shipped, available, shipped_steps = bundle.path, bundle.levels, bundle.steps
     from .evaluation.evaluate import evaluate
     from .export.formats import export_bundle
-    from .prune import prune_checkpoint
+    from .prune import PruneOptions, prune_checkpoint
     from .training.trainer import finetune
 
     model = assets / "model.safetensors"
@@ -205,7 +205,7 @@ def _demo_steps(out: Path, assets: Path, bundle: ShippedBundle, levels: Sequence
     clock = time.perf_counter()
     say("pruning the embedded dense model one-shot")
     files["one-shot bundle"] = out / "pruned.safetensors"
-    prune_checkpoint(model, list(levels), files["one-shot bundle"], command=["dsnn", "demo"])
+    prune_checkpoint(model, files["one-shot bundle"], PruneOptions(list(levels), command=["dsnn", "demo"]))
     seconds["prune"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

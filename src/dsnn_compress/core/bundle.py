@@ -22,12 +22,14 @@ from .group_format import StructuredLevels, parse_structured
 from .levels import Levels, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
+from .scores import block_of
 
 FORMAT_NAME = "dsnn-bundle"
 FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
 _REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "code_suffix", "pruned", "sparsity", "tool")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
+              "pruning",
               "recipe", "evaluation", "training", "structured")
 
 
@@ -206,14 +208,32 @@ def _mid_schedule(meta: Mapping[str, Any]) -> bool:
 
 
 def _check_declared_levels(src: Path, levels: Sequence[float], counts: Mapping[str, list[int]],
-                           sizes: Mapping[str, int]) -> None:
-    """The codes must hold the sparsities the metadata declares: every tensor at each level (per-layer allocation)
-    or all pruned tensors together (global allocation) prune exactly ``round(level * size)`` weights."""
+                           shapes: Mapping[str, Sequence[int]], meta: Mapping[str, Any]) -> None:
+    """The codes must hold the sparsities the metadata declares: every tensor at each level (per-layer allocation;
+    per-row: every row), at its block's sparsity when a per-block profile is recorded (``pruning.blocks``), or all
+    pruned tensors together (global allocation) prune exactly ``round(level * size)`` weights."""
+    sizes = {n: math.prod(shape) for n, shape in shapes.items()}
     total = sum(sizes.values())
+    pruning = meta.get("pruning") if isinstance(meta.get("pruning"), dict) else {}
+    per_row = meta.get("allocation") == "per-row"
+    profile = pruning.get("blocks") if isinstance(pruning.get("blocks"), dict) else None
+
+    def expected(name: str, k: int, level: float) -> int | None:
+        if profile is not None:
+            values = profile.get(block_of(name))
+            if not isinstance(values, list) or len(values) != len(levels) or not isinstance(values[k - 1],
+                                                                                           (int, float)):
+                return None
+            level = float(values[k - 1])
+        if per_row:
+            rows = int(shapes[name][0]) if len(shapes[name]) >= 2 else 1
+            return rows * pruned_count(level, sizes[name] // max(rows, 1))
+        return pruned_count(level, sizes[name])
+
     for k, level in enumerate(levels, start=1):
-        per_layer = all(counts[n][k] == pruned_count(level, sizes[n]) for n in counts)
+        per_tensor = all(counts[n][k] == expected(n, k, level) for n in counts)
         overall = sum(counts[n][k] for n in counts) == pruned_count(level, total)
-        if not (per_layer or overall):
+        if not (per_tensor or overall):
             achieved = sum(counts[n][k] for n in counts) / max(total, 1)
             raise DsnnError(f"{src}: the metadata declares level {level:g} but its codes prune {100 * achieved:.2f} % "
                             "of the pruned tensors", "the bundle is corrupt (or was edited); re-create it")
@@ -299,7 +319,7 @@ def bundle_from_file(file: SafetensorsFile, verify: bool = True) -> Bundle:
         structured = parse_structured(src, meta.get("structured"), tensors, codes, levels,
                                       str(meta.get("allocation", "per-layer")), not _mid_schedule(meta))
     elif not _mid_schedule(meta):
-        _check_declared_levels(src, levels, counts, {n: c.numel() for n, c in codes.items()})
+        _check_declared_levels(src, levels, counts, {n: tuple(c.shape) for n, c in codes.items()}, meta)
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
     if stray:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")

@@ -111,6 +111,9 @@ def compute_group_codes(specs: Sequence[GroupSpec], tensors: Mapping[str, torch.
     """
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation {allocation!r}", f"choose one of {', '.join(ALLOCATIONS)}")
+    if allocation == "per-row":
+        raise UsageError("--allocation per-row compares single weights within a row; structured levels prune whole "
+                         "groups", "use --allocation per-layer or global with --granularity structured")
     if any(not 0.0 <= s < 1.0 for s in sparsities) or any(b < a for a, b in zip(sparsities, sparsities[1:])):
         raise UsageError(f"sparsities {list(sparsities)} must be non-decreasing values in [0, 1)")
     codes: dict[str, torch.Tensor] = {}

@@ -14,6 +14,7 @@ returns, for ``mode == "loss"``, a tuple ``(loss, scores, lengths)``: a scalar l
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,49 +59,69 @@ def distillation_loss(teacher: torch.Tensor, student: torch.Tensor, lengths: tor
     return temperature**2 * (per_frame * valid).sum() / valid.sum().clamp(min=1)
 
 
-def train_step(
-    runner: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    codes: Mapping[str, torch.Tensor],
-    batch: Any,
-    level_indices: Sequence[int],
-    weights: Sequence[float],
-    distill_weight: float = 0.0,
-    temperature: float = 1.0,
-    extra_masks: Sequence[Mapping[str, torch.Tensor]] = (),
-) -> dict[int | str, float]:
-    """Forward/backward at each level (gradients accumulate into the shared parameters). Returns losses.
+@dataclass
+class StepPlan:
+    """What one joint training step runs: the levels, their loss weights and the distillation terms.
 
-    Each level's loss is ``weight * (loss + distill_weight * distillation_loss(dense, level))``, one backward per
-    level so only one graph is alive at a time. Levels whose loss weight is 0 contribute no gradient and are skipped
-    (no forward pass, no loss reported), except that the dense level still runs as the distillation teacher.
+    Each trained level ``k`` adds ``weights[k] * (label_weight * loss + distill_weight * KL(dense || level)
+    [sparse levels] + teacher_weight * KL(teacher || level))`` to the gradient, KL terms scaled by ``T^2``.
+    """
 
-    ``extra_masks`` are further levels given as keep-masks (continuous levels of the ``uniform`` sampling mode),
-    each trained with loss weight 1.0 and the same distillation; their mean loss is reported under the key
-    ``"uniform"`` (the trained levels' losses are keyed by level index).
+    level_indices: Sequence[int]
+    weights: Sequence[float]
+    distill_weight: float = 0.0
+    """In-place distillation: sparse levels learn the dense level's posteriors."""
+    temperature: float = 1.0
+    extra_masks: Sequence[Mapping[str, torch.Tensor]] = ()
+    """Further levels given as keep-masks (continuous levels of the ``uniform`` sampling mode), loss weight 1.0."""
+    teacher_scores: torch.Tensor | None = None
+    """An external frozen teacher's posteriors on the batch ``[B, T, V]`` (every level learns them, dense too)."""
+    teacher_weight: float = 0.0
+    label_weight: float = 1.0
+    """Weight of the adapter's own loss on the batch's targets (0: posteriors only, e.g. CTC without transcripts)."""
+
+    def trained(self) -> list[int]:
+        """The level indices that get a forward/backward pass (loss weight above 0), in order."""
+        return sorted(i for i in self.level_indices if self.weights[i] > 0)
+
+
+def train_step(runner: nn.Module, params: Mapping[str, torch.Tensor], codes: Mapping[str, torch.Tensor], batch: Any,
+               plan: StepPlan) -> dict[int | str, float]:
+    """Forward/backward at each level of ``plan`` (gradients accumulate into the shared parameters). Returns losses.
+
+    One backward per level, so only one graph is alive at a time. Levels whose loss weight is 0 contribute no
+    gradient and are skipped (no forward pass, no loss reported), except that the dense level still runs as the
+    in-place distillation teacher. Continuous levels (``plan.extra_masks``) are trained with weight 1.0 and the
+    same distillation terms; their mean loss is reported under ``"uniform"`` (the trained levels' losses are keyed
+    by level index).
     """
     losses: dict[int | str, float] = {}
-    teacher = None
-    level_indices = [i for i in level_indices if weights[i] > 0]
-    if distill_weight > 0 and 0 not in level_indices:
+    dense = None
+    trained = plan.trained()
+    if plan.distill_weight > 0 and 0 not in trained:
         with torch.no_grad():
-            teacher = run_at_level(runner, params, codes, 0, batch, "loss")[1].detach()
-    for index in sorted(level_indices):
+            dense = run_at_level(runner, params, codes, 0, batch, "loss")[1].detach()
+
+    def total_of(index: int | None, loss: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        total = plan.label_weight * loss if plan.label_weight > 0 else scores.new_zeros(())
+        if plan.distill_weight > 0 and index != 0 and dense is not None:
+            total = total + plan.distill_weight * distillation_loss(dense, scores, lengths, plan.temperature)
+        if plan.teacher_scores is not None and plan.teacher_weight > 0:
+            total = total + plan.teacher_weight * distillation_loss(plan.teacher_scores, scores, lengths,
+                                                                    plan.temperature)
+        return total
+
+    for index in trained:
         loss, scores, lengths = run_at_level(runner, params, codes, index, batch, "loss")
-        total = loss
-        if distill_weight > 0:
-            if index == 0:
-                teacher = scores.detach()
-            else:
-                total = total + distill_weight * distillation_loss(teacher, scores, lengths, temperature)
-        (weights[index] * total).backward()
+        if index == 0 and plan.distill_weight > 0:
+            dense = scores.detach()
+        total = total_of(index, loss, scores, lengths)
+        (plan.weights[index] * total).backward()
         losses[index] = float(total.detach())
     extra_losses = []
-    for masks in extra_masks:
+    for masks in plan.extra_masks:
         loss, scores, lengths = run_with_masks(runner, params, masks, batch, "loss")
-        total = loss
-        if distill_weight > 0:
-            total = total + distill_weight * distillation_loss(teacher, scores, lengths, temperature)
+        total = total_of(None, loss, scores, lengths)
         total.backward()
         extra_losses.append(float(total.detach()))
     if extra_losses:
@@ -108,9 +129,8 @@ def train_step(
     return losses
 
 
-def passes_per_step(level_indices: Sequence[int], weights: Sequence[float], distill_weight: float,
-                    extra_levels: int = 0) -> int:
-    """Forward passes :func:`train_step` makes for these levels (the dense teacher counts when it is not trained)
-    plus ``extra_levels`` mask-given levels."""
-    trained = [i for i in level_indices if weights[i] > 0]
-    return len(trained) + extra_levels + (1 if distill_weight > 0 and 0 not in trained else 0)
+def passes_per_step(plan: StepPlan) -> int:
+    """Forward passes :func:`train_step` makes for ``plan`` (the in-place dense teacher counts when it is not
+    trained; an external teacher's pass is not counted here)."""
+    trained = plan.trained()
+    return len(trained) + len(plan.extra_masks) + (1 if plan.distill_weight > 0 and 0 not in trained else 0)

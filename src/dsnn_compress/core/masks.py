@@ -29,7 +29,8 @@ from ..errors import DsnnError, UsageError
 from .finite import all_finite, nonfinite_count
 from .levels import validate_levels
 
-ALLOCATIONS = ("per-layer", "global")
+ALLOCATIONS = ("per-layer", "global", "per-row")
+"""How levels compare weights: each tensor alone, all tensors together, or each output row of a tensor alone."""
 
 
 def code_bits(num_levels: int) -> int:
@@ -160,6 +161,20 @@ def _ties(selections: Sequence[_Selection | None]) -> list[int]:
     return [0 if s is None else s.ties_pruned for s in selections]
 
 
+def row_codes(scores: torch.Tensor, sparsities: Sequence[float]) -> torch.Tensor:
+    """Nested keep codes (uint8, ``scores``' shape) when each output row prunes ``round(s * row size)`` of its
+    lowest scores at each sparsity ``s`` (non-decreasing, in [0, 1)); ties: the lower index first."""
+    rows = scores.detach().reshape(scores.shape[0], -1).float()
+    width = rows.shape[1]
+    order = torch.sort(rows, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(width).expand_as(order).contiguous())
+    codes = torch.zeros(rows.shape, dtype=torch.uint8)
+    for sparsity in sparsities:
+        codes += (rank >= pruned_count(sparsity, width)).to(torch.uint8)
+    return codes.reshape(scores.shape)
+
+
 def compute_codes(
     tensors: Mapping[str, torch.Tensor],
     levels: Sequence[float],
@@ -169,7 +184,8 @@ def compute_codes(
     """Keep codes (uint8, same shape as each tensor) for nested magnitude pruning at ``levels``.
 
     ``per-layer``: each tensor prunes ``round(s * numel)`` weights at level ``s``. ``global``: one threshold per
-    level across all tensors, pruning ``round(s * total)`` weights overall. Tensors are processed in sorted-name
+    level across all tensors, pruning ``round(s * total)`` weights overall. ``per-row``: each output row (dimension
+    0; the rest flattened) prunes ``round(s * row size)`` weights. Tensors are processed in sorted-name
     order, which fixes tie-breaking across tensors. ``on_progress(done, total)`` reports progress in weights.
     """
     return codes_at_sparsities(tensors, validate_levels(list(levels)), allocation, on_progress)
@@ -196,6 +212,15 @@ def codes_at_sparsities(
     codes: dict[str, torch.Tensor] = {}
     total = sum(tensors[n].numel() for n in names)
     done = 0
+    if allocation == "per-row":
+        for name in names:
+            flat = _checked_flat(tensors[name], name)
+            codes[name] = row_codes(flat.reshape(tensors[name].shape).abs() if tensors[name].dim() >= 2
+                                    else flat.abs().reshape(1, -1), sparsities).reshape(tensors[name].shape)
+            done += flat.numel()
+            if on_progress:
+                on_progress(done, total)
+        return codes
     if allocation == "per-layer":
         for name in names:
             flat = _checked_flat(tensors[name], name)

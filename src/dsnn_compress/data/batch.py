@@ -42,6 +42,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def with_targets(self, targets: list[list[int]]) -> Batch:
+        """The same audio with other target token ids (one list per utterance; texts are kept)."""
+        if len(targets) != len(self):
+            raise ValueError(f"{len(targets)} target rows for a batch of {len(self)}")
+        lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+        width = max(1, int(lengths.max()) if len(targets) else 1)
+        padded = torch.full((len(targets), width), -100, dtype=torch.long)
+        for i, row in enumerate(targets):
+            if row:
+                padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return Batch(self.inputs, self.input_lengths, padded.to(self.targets.device),
+                     lengths.to(self.target_lengths.device), self.texts, self.ids, self.audio_seconds, self.skipped)
+
 
 def pad_batch(
     inputs: list[torch.Tensor],

@@ -81,8 +81,9 @@ class SpeechDataset(Dataset):
         utt = self.utterances[index]
         try:
             waveform = load_audio(utt.audio_path, self.sample_rate, utt.offset, utt.duration)
-            text = self._normalize(utt.text)
-            targets = self.encode(text)
+            # an audio-only utterance (label-free training: the teacher provides the targets) has no targets here
+            text = "" if utt.text is None else self._normalize(utt.text)
+            targets = [] if utt.text is None else self.encode(text)
             inputs = self.prepare(waveform)
             if self.augment is not None:
                 inputs = self.augment(inputs)

@@ -42,7 +42,8 @@ class Utterance:
 
     id: str
     audio_path: Path
-    text: str
+    text: str | None
+    """The transcript; None when the manifest gives none (allowed only by ``read_manifest(require_text=False)``)."""
     duration: float | None = None
     offset: float = 0.0
     source: str = ""
@@ -53,34 +54,38 @@ class Utterance:
 class _Entry:
     explicit_id: str | None
     audio_path: Path
-    text: str
+    text: str | None
     duration: float | None
     offset: float
     source: str
     lineno: int
 
 
-def read_manifest(path: str | os.PathLike[str]) -> list[Utterance]:
-    """Read a NeMo, Kaldi or audiofolder manifest (see the module docstring) into utterances."""
+def read_manifest(path: str | os.PathLike[str], require_text: bool = True) -> list[Utterance]:
+    """Read a NeMo, Kaldi or audiofolder manifest (see the module docstring) into utterances.
+
+    ``require_text=False`` accepts audio-only manifests (calibration audio, label-free fine-tuning): an entry without
+    a transcript (no ``text`` key or column, no Kaldi ``text`` line) gets ``text=None``.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise DsnnError(f"manifest not found: {p}", hint="check the path; " + FORMATS_HINT)
     if p.is_dir():
         if (p / "wav.scp").is_file():
-            utterances = _read_kaldi(p)
+            utterances = _read_kaldi(p, require_text)
         else:
             meta = [p / name for name in ("metadata.csv", "metadata.jsonl") if (p / name).is_file()]
             if len(meta) > 1:
                 raise DsnnError(f"{p} holds both metadata.csv and metadata.jsonl", hint="keep only one metadata file")
             if not meta:
                 raise DsnnError(f"unknown manifest format: directory {p}", hint=FORMATS_HINT)
-            utterances = _read_audiofolder(meta[0])
+            utterances = _read_audiofolder(meta[0], require_text)
     elif p.name == "wav.scp":
         raise DsnnError(f"{p} is a Kaldi wav.scp file", hint=f"pass its data directory ({p.parent}) instead")
     elif p.name == "metadata.csv" or (p.name == "metadata.jsonl" and _looks_like_audiofolder_jsonl(p)):
-        utterances = _read_audiofolder(p)
+        utterances = _read_audiofolder(p, require_text)
     elif p.suffix.lower() in (".jsonl", ".json"):
-        utterances = _read_nemo(p)
+        utterances = _read_nemo(p, require_text)
     else:
         raise DsnnError(f"unknown manifest format: {p}", hint=FORMATS_HINT)
     if not utterances:
@@ -165,7 +170,7 @@ def _assign_ids(entries: list[_Entry]) -> list[Utterance]:
 # ------------------------------------------------------------------------------------------- NeMo
 
 
-def _read_nemo(path: Path) -> list[Utterance]:
+def _read_nemo(path: Path, require_text: bool = True) -> list[Utterance]:
     base = path.parent
     entries = []
     for lineno, line in _lines(path):
@@ -182,16 +187,16 @@ def _read_nemo(path: Path) -> list[Utterance]:
                 f"{source}: expected a JSON object, got {type(record).__name__}",
                 hint="a NeMo manifest holds one JSON object per line",
             )
-        for key in ("audio_filepath", "text"):
+        for key in ("audio_filepath", "text") if require_text else ("audio_filepath",):
             if key not in record:
                 hint = "each line needs 'audio_filepath' and 'text'"
                 if "file_name" in record:
                     hint = "this looks like Hugging Face audiofolder metadata; pass its directory"
                 raise DsnnError(f"{source}: missing key '{key}'", hint=hint)
-        audio, text = record["audio_filepath"], record["text"]
+        audio, text = record["audio_filepath"], record.get("text")
         if not isinstance(audio, str) or not audio.strip():
             raise DsnnError(f"{source}: 'audio_filepath' must be a non-empty string, got {audio!r}")
-        if not isinstance(text, str):
+        if not isinstance(text, str) and (require_text or text is not None):
             raise DsnnError(f"{source}: 'text' must be a string, got {text!r}")
         entries.append(
             _Entry(
@@ -243,12 +248,12 @@ def _kaldi_audio(base: Path, value: str, source: str) -> Path:
     return resolved
 
 
-def _read_kaldi(directory: Path) -> list[Utterance]:
+def _read_kaldi(directory: Path, require_text: bool = True) -> list[Utterance]:
     wav_scp, text_file = directory / "wav.scp", directory / "text"
-    if not text_file.is_file():
+    if require_text and not text_file.is_file():
         raise DsnnError(f"Kaldi data directory {directory} has no 'text' file", hint="add '<uttid> <transcript>' lines")
     recordings = _kaldi_table(wav_scp)
-    texts = _kaldi_table(text_file)
+    texts = _kaldi_table(text_file) if text_file.is_file() else {}
     audio = {key: _kaldi_audio(directory, value, f"{wav_scp}:{lineno}") for key, (value, lineno) in recordings.items()}
 
     # (utterance id, audio path, offset, duration, source, line number)
@@ -277,12 +282,13 @@ def _read_kaldi(directory: Path) -> list[Utterance]:
 
     entries = []
     for utt_id, path, offset, duration, source, lineno in rows:
-        if utt_id not in texts:
+        if utt_id not in texts and require_text:
             raise DsnnError(
                 f"{source}: utterance {utt_id!r} has no transcript in {text_file}",
                 hint="every utterance needs a '<uttid> <transcript>' line",
             )
-        entries.append(_Entry(utt_id, path, texts[utt_id][0], duration, offset, source, lineno))
+        text = texts[utt_id][0] if utt_id in texts else None
+        entries.append(_Entry(utt_id, path, text, duration, offset, source, lineno))
     return _assign_ids(entries)
 
 
@@ -332,7 +338,7 @@ def _audiofolder_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
-def _read_audiofolder(path: Path) -> list[Utterance]:
+def _read_audiofolder(path: Path, require_text: bool = True) -> list[Utterance]:
     base = path.parent
     entries = []
     for lineno, record in _audiofolder_records(path):
@@ -341,15 +347,15 @@ def _read_audiofolder(path: Path) -> list[Utterance]:
         if not isinstance(file_name, str) or not file_name.strip():
             raise DsnnError(f"{source}: missing key 'file_name'", hint="each row needs the audio file name")
         column = next((c for c in TRANSCRIPT_COLUMNS if c in record), None)
-        if column is None:
+        if column is None and require_text:
             raise DsnnError(
                 f"{source}: missing key 'text'",
                 hint=f"audiofolder metadata needs one of the columns {', '.join(TRANSCRIPT_COLUMNS)}",
             )
-        text = record[column]
-        if text is None:
+        text = record[column] if column is not None else None
+        if text is None and column is not None:
             text = ""
-        if not isinstance(text, str):
+        if text is not None and not isinstance(text, str):
             raise DsnnError(f"{source}: '{column}' must be a string, got {text!r}")
         entries.append(
             _Entry(

@@ -44,7 +44,10 @@ _WHISPER: list[Callable[[str], str]] = []
 
 def _whisper(text: str) -> str:
     """Whisper's English text normaliser (the Open ASR Leaderboard's), from transformers, with an empty spelling map
-    (faster-whisper/CTranslate2 models ship no ``normalizer.json``): numbers, contractions, titles, punctuation."""
+    (faster-whisper/CTranslate2 models ship no ``normalizer.json``): numbers, contractions, titles, punctuation.
+
+    Tokens without a letter or digit are dropped afterwards: the library keeps the last dot of a trailing ellipsis
+    (``"exactly..."`` -> ``"exactly ."``), which would count as a word a model can only miss."""
     if not _WHISPER:
         try:
             from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
@@ -52,7 +55,7 @@ def _whisper(text: str) -> str:
             raise UsageError("--normalizer whisper needs the transformers package",
                              'install the Hugging Face extra: pip install "dsnn-compress[hf]"') from exc
         _WHISPER.append(EnglishTextNormalizer({}))
-    return _collapse(_WHISPER[0](text))
+    return " ".join(t for t in _WHISPER[0](text).split() if any(c.isalnum() for c in t))
 
 
 NORMALIZERS: dict[str, Callable[[str], str]] = {"default": _default, "lower": _lower, "none": _none,

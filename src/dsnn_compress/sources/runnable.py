@@ -155,6 +155,8 @@ def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
                         "pass a file written by dsnn prune / finetune / export --format checkpoint, or a supported "
                         "Hugging Face / faster-whisper model directory")
     adapter = source.adapter(audio_ctx=audio_ctx)
+    if hasattr(adapter, "long_form"):  # inference decodes audio longer than the model's window in chunks
+        adapter.long_form = True
     check_finite_weights(adapter.model, source.path)
     if source.bundle is None:
         return LoadedModel(adapter, source.path, "checkpoint")

@@ -17,7 +17,7 @@ from ..data.batch import Batch
 from ..data.dataset import SpeechDataset, bucket_batches, collate, utterance_lengths
 from ..data.features import spec_augment
 from ..data.manifest import read_manifest
-from ..errors import DsnnError
+from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from .ddp import DistInfo
 from .recipe import Recipe
@@ -54,7 +54,17 @@ class BatchStream:
 
     def __init__(self, recipe: Recipe, adapter: ModelAdapter, dist_info: DistInfo) -> None:
         self.recipe, self.dist_info = recipe, dist_info
-        utterances = read_manifest(recipe.data.train)
+        utterances = read_manifest(recipe.data.train, require_text=False)
+        missing = sum(u.text is None for u in utterances)
+        self.transcribed = missing == 0  # else the teacher provides the targets
+        if missing and recipe.distillation.teacher is None:
+            raise UsageError(f"{missing} of {len(utterances)} utterances of data.train {recipe.data.train} have no "
+                             "transcript ('text'), and there is no teacher to learn from",
+                             "give the original model as --teacher SOURCE (distillation.teacher) for label-free "
+                             "fine-tuning, or add transcripts")
+        if missing and recipe.distillation.labels == "transcripts":
+            raise UsageError(f"distillation.labels is transcripts, but {missing} of {len(utterances)} utterances of "
+                             f"data.train {recipe.data.train} have none", "set distillation.labels: auto or teacher")
         self.lengths = utterance_lengths(utterances, skip_bad=recipe.data.skip_bad)
         self.dataset = SpeechDataset(utterances, adapter.prepare, adapter.encode_text, adapter.sample_rate,
                                      normalizer=adapter.normalizer,

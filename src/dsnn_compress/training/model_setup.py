@@ -76,7 +76,14 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
             f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
             "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
         )
-    base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source") if k in bundle.metadata}
+    if recipe.schedule.enabled and "pruning" in bundle.metadata:
+        pruning = bundle.metadata["pruning"]
+        raise UsageError(f"the gradual schedule recomputes the codes from weight magnitudes, which would discard this "
+                         f"bundle's {pruning.get('method')} scores ({pruning.get('allocation')}, profile "
+                         f"{pruning.get('profile')})", "set schedule.enabled: false to fine-tune these levels, or "
+                         "prune with --method magnitude --profile uniform for a gradual schedule")
+    base = {k: bundle.metadata.get(k) for k in ("allocation", "selection", "source", "pruning")
+            if k in bundle.metadata}
     setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base,
                        dtypes=_dtypes(opened.tensors),
                        groups=bundle.structured.specs if bundle.structured is not None else None,

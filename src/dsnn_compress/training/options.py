@@ -14,6 +14,7 @@ from .recipe import Recipe, apply_overrides, load_recipe, parse_set_option, reci
 FLAG_KEYS = {
     "model": "model.init", "data": "data.train", "dev": "data.dev", "output": "output", "steps": "training.steps",
     "lr": "optimizer.lr", "sampling": "sampling.mode", "seed": "training.seed", "keep": "training.keep",
+    "teacher": "distillation.teacher",
 }
 """``dsnn finetune`` flags (and the positional model) that set one recipe key each."""
 

@@ -71,13 +71,16 @@ SAMPLING_MODES = ("all", "sandwich", "uniform")
 sparsest + k continuous levels drawn uniformly from (0, largest)."""
 LR_DECAYS = ("constant", "linear", "cosine", "inverse_sqrt")
 """``lr_schedule.decay`` choices."""
+LABEL_SOURCES = ("auto", "transcripts", "teacher")
+"""``distillation.labels``: the targets of the label loss: the manifest's transcripts when every utterance has one,
+else the teacher's greedy transcripts (``auto``); always the transcripts; always the teacher's."""
 KEEP_CHOICES = ("last", "best")
 """``training.keep`` choices."""
 DEFAULT_STEPS = 1000
 """``training.steps`` when neither ``steps`` nor ``epochs`` is given."""
 DEFAULT_OUTPUT = "dsnn-finetuned.safetensors"
 """``output`` when not given (relative: resolved like any recipe path)."""
-PATH_KEYS = ("data.train", "data.dev", "model.init", "output")
+PATH_KEYS = ("data.train", "data.dev", "model.init", "distillation.teacher", "output")
 """Dotted keys holding file paths (resolved against the recipe directory, or the CWD for overrides)."""
 
 
@@ -121,11 +124,16 @@ class SamplingConfig(_Section):
 
 
 class DistillationConfig(_Section):
-    """``distillation``: sparse levels learn from the dense level's output distribution."""
+    """``distillation``: sparse levels learn from the dense level's output distribution (in place), and every level
+    from a frozen ``teacher`` (the original model), which also labels audio without transcripts."""
 
     enabled: StrictBool = False
     weight: Float = Field(1.0, ge=0)
     temperature: Float = Field(1.0, gt=0)
+    teacher: FilePath | None = None
+    teacher_weight: Float = Field(1.0, ge=0)
+    labels: Annotated[str, OneOf(lambda: LABEL_SOURCES)] = "auto"
+    label_weight: Float = Field(1.0, ge=0)
 
 
 class PruningScheduleConfig(_Section):
@@ -283,6 +291,15 @@ class Recipe(_Section):
                 raise rule_error(f"{name}.enabled needs sparse levels, but {why}",
                                  f"set levels, e.g. [0.5, 0.7, 0.9], or {name}.enabled: false",
                                  (f"{name}.enabled", "levels"))
+        distill = self.distillation
+        if distill.labels == "teacher" and distill.teacher is None:
+            raise rule_error("distillation.labels: teacher takes the targets from the teacher's transcripts, but "
+                             "distillation.teacher is not set", "set distillation.teacher to the original model "
+                             "(or pass --teacher)", ("distillation.labels", "distillation.teacher"))
+        if distill.teacher is not None and distill.teacher_weight == 0 and distill.label_weight == 0:
+            raise rule_error("distillation.teacher_weight and distillation.label_weight are both 0, so no level "
+                             "would learn anything", "give one of them a positive weight",
+                             ("distillation.teacher_weight", "distillation.label_weight"))
         if training.steps is not None:
             try:
                 check_schedule_end(schedule, training.steps, f"training.steps: {training.steps}")

@@ -48,6 +48,7 @@ from .model_setup import ModelSetup, build_model, scheduled_codes
 from .output import JsonlLog, RunOutput, log_path
 from .recipe import Recipe, check_loss_weights, check_schedule_end
 from .state import TrainState, state_path
+from .teacher import Teacher, check_compatible
 
 __all__ = ["FinetuneResult", "Finetuner", "Reporter", "dev_wer", "finetune", "log_path", "state_path"]
 
@@ -131,6 +132,9 @@ class Finetuner:
     dev: PreparedData | None
     runner: AdapterRunner
     log: JsonlLog
+    teacher: Teacher | None
+    labels_from_teacher: bool
+    label_weight: float
 
     def __init__(self, recipe: Recipe, report: Reporter | None = None, verify: bool = True) -> None:
         self.started = time.perf_counter()
@@ -163,6 +167,7 @@ class Finetuner:
         self.params = dict(self.model.named_parameters())
         self.optimizer = self._optimizer()
         self.data = BatchStream(recipe, adapter, self.dist)
+        self._setup_teacher()
         self.total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * self.data.per_epoch))
         check_schedule_end(recipe.schedule, self.total_steps)
         self.dev = self._dev_data()
@@ -175,9 +180,29 @@ class Finetuner:
         self.model.train()
         self.log = JsonlLog.open(self.out.log_file, resume, self.step) if self.dist.main else JsonlLog()
         self.emit("start", {"steps": self.total_steps, "start_step": self.step, "levels": list(self.levels),
+                            "teacher": None if self.teacher is None else str(self.teacher.path),
+                            "labels": "teacher" if self.labels_from_teacher else "transcripts",
                             "world": self.dist.world, "per_epoch": self.data.per_epoch,
                             "params": sum(p.numel() for p in self.params.values()), "device": str(self.device),
                             "log": str(self.out.log_file)})
+
+    def _setup_teacher(self) -> None:
+        """The frozen teacher of ``distillation.teacher`` and where the label loss takes its targets from."""
+        distill = self.recipe.distillation
+        self.teacher, self.labels_from_teacher, self.label_weight = None, False, distill.label_weight
+        self.teacher_checked = False
+        if distill.teacher is None:
+            return
+        self.teacher = Teacher(Path(distill.teacher), self.model_setup.adapter, self.device,
+                               self.recipe.model.audio_ctx, self.verify)
+        self.labels_from_teacher = distill.labels == "teacher" or (distill.labels == "auto"
+                                                                   and not self.data.transcribed)
+        if self.labels_from_teacher and not self.teacher.seq2seq:
+            # a CTC student learns the teacher's frame posteriors; greedy CTC pseudo-labels would add nothing
+            self.label_weight = 0.0
+            if distill.teacher_weight == 0:
+                raise UsageError("without transcripts a CTC student learns only the teacher's posteriors, but "
+                                 "distillation.teacher_weight is 0", "set distillation.teacher_weight above 0")
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on the >= 2-D weights only."""
@@ -276,10 +301,21 @@ class Finetuner:
         indices = sample_levels(len(self.levels), recipe.sampling.mode, recipe.sampling.random_levels, cfg.seed,
                                 self.step)
         extra = self.continuous_masks()
+        teacher_scores = None
+        if self.teacher is not None:
+            if self.labels_from_teacher:
+                batch = self.teacher.labelled(batch)
+            teacher_scores = self.teacher.scores(batch)
+            if not self.teacher_checked:
+                with torch.no_grad():
+                    check_compatible(teacher_scores, self.runner(batch, "loss")[1], self.teacher.path)
+                self.teacher_checked = True
+        plan = masked.StepPlan(indices, self.weights, self.distill, recipe.distillation.temperature, extra,
+                               teacher_scores, recipe.distillation.teacher_weight if teacher_scores is not None
+                               else 0.0, self.label_weight)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = masked.train_step(self.runner, self.params, self.codes, batch, indices, self.weights, self.distill,
-                                   recipe.distillation.temperature, extra)
-        self.forward_passes += masked.passes_per_step(indices, self.weights, self.distill, len(extra))
+        losses = masked.train_step(self.runner, self.params, self.codes, batch, plan)
+        self.forward_passes += masked.passes_per_step(plan)
         average_gradients(self.params.values(), self.dist)
         losses = average_losses(losses, self.dist, self.device)
         grad_norm = None

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.batch import Batch
+from ...data.batch import Batch, pad_batch
 from ...errors import DsnnError
 from .metadata import FAMILY
 
@@ -63,6 +63,34 @@ def quiet_transformers() -> Iterator[None]:
 def token_bound(seconds: float) -> int:
     """The most new tokens a decode of ``seconds`` of audio may produce."""
     return TOKENS_BASE + math.ceil(TOKENS_PER_SECOND * max(0.0, seconds))
+
+
+CHUNK_SEARCH_SECONDS = 5.0
+"""Long-form decoding cuts a chunk at the quietest 20 ms of the last this many seconds of the encoder context."""
+
+
+def long_form_chunks(wave: np.ndarray, max_samples: int, sample_rate: int,
+                     search_seconds: float = CHUNK_SEARCH_SECONDS) -> list[tuple[int, int]]:
+    """``(start, stop)`` sample spans that cover ``wave`` with at most ``max_samples`` each, every cut placed at the
+    lowest-energy 20 ms frame of the last ``search_seconds`` before the limit (a pause, so no word is split when the
+    speaker pauses at all). A wave that fits is one span."""
+    frame = max(1, sample_rate // 50)
+    spans, start, total = [], 0, int(wave.shape[0])
+    while total - start > max_samples:
+        limit = start + max_samples
+        low = max(start + frame, limit - int(search_seconds * sample_rate))
+        region = np.asarray(wave[low:limit], dtype=np.float64)
+        count = region.shape[0] // frame
+        if count == 0:
+            cut = limit
+        else:
+            energy = (region[: count * frame].reshape(count, frame) ** 2).mean(axis=1)
+            quietest = int(np.argmin(energy[::-1]))  # the latest of equally quiet frames: longer chunks
+            cut = low + (count - 1 - quietest) * frame + frame // 2
+        spans.append((start, cut))
+        start = cut
+    spans.append((start, total))
+    return spans
 
 
 def install_state_hooks(model: nn.Module, audio_ctx: int | None) -> None:
@@ -124,6 +152,10 @@ class WhisperAdapter:
     decoding: str = "greedy-seq2seq"
     capped_decodes: int = 0
     """Decodes cut at the token bound since the counter was last reset (evaluation reports it per level)."""
+    long_form: bool = False
+    """Inference: accept audio longer than the encoder context and decode it in chunks (training refuses it)."""
+    chunks_decoded: int = 0
+    """Chunks decoded for utterances longer than the context since the counter was last reset (long-form)."""
     _features: tuple[tuple[torch.Tensor, int], torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -151,7 +183,7 @@ class WhisperAdapter:
         if wave.ndim != 1:
             raise DsnnError(f"expected a mono waveform (1-D array), got shape {wave.shape}",
                             "downmix the audio to mono")
-        if wave.shape[0] > self.context_samples:
+        if wave.shape[0] > self.context_samples and not self.long_form:
             raise DsnnError(f"audio of {wave.shape[0] / self.sample_rate:.1f} s is longer than the encoder context "
                             f"({self.context_seconds:g} s)",
                             "split long recordings into utterances, or use a longer model.audio_ctx (1500 = 30 s)")
@@ -222,8 +254,10 @@ class WhisperAdapter:
             kwargs.update(language="en", task="transcribe")
         return kwargs
 
-    def decode(self, batch: Batch) -> list[str]:
-        """Greedy transcripts, new tokens bounded by each utterance's length (cut decodes are counted)."""
+    def greedy_tokens(self, batch: Batch) -> list[list[int]]:
+        """Greedy token ids of each utterance (no prompt, no end token), new tokens bounded by its length; decodes
+        cut at the bound are counted in :attr:`capped_decodes` (the teacher's pseudo-labels and calibration
+        targets: what :meth:`decode` turns into text)."""
         seconds = [int(n) / self.sample_rate for n in batch.input_lengths]
         bounds = [token_bound(s) for s in seconds]
         room = int(self.model.config.max_target_positions) - len(self.prompt)
@@ -234,15 +268,48 @@ class WhisperAdapter:
         # token), so a row ends at its first end or pad token; a row that filled its own bound is capped (as if it
         # had been decoded alone with max_new_tokens=bound), whatever longer rows in the batch let generate go on
         stops = {self.eot, self.generation_config.pad_token_id} - {None}
-        texts = []
+        rows = []
         for row, bound in zip(out.tolist(), bounds, strict=True):
             new = row[len(self.prompt):] if row[: len(self.prompt)] == self.prompt else row
             tokens = next((new[:i] for i, token in enumerate(new) if token in stops), new)
             if len(tokens) >= bound:
                 self.capped_decodes += 1
                 tokens = tokens[:bound]
-            texts.append(str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip())
-        return texts
+            rows.append([int(t) for t in tokens])
+        return rows
+
+    def text_of(self, tokens: list[int]) -> str:
+        """The transcript of decoded token ids (special tokens dropped)."""
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+    def decode(self, batch: Batch) -> list[str]:
+        """Greedy transcripts, new tokens bounded by each utterance's length (cut decodes are counted).
+
+        With :attr:`long_form`, an utterance longer than the encoder context is decoded in chunks cut at quiet
+        points (:func:`long_form_chunks`) and its transcript is the chunks' joined; :attr:`chunks_decoded`
+        counts the chunks of such utterances.
+        """
+        lengths = [int(n) for n in batch.input_lengths]
+        if not any(n > self.context_samples for n in lengths):
+            return [self.text_of(tokens) for tokens in self.greedy_tokens(batch)]
+        pieces: list[torch.Tensor] = []
+        owner: list[int] = []
+        for i, length in enumerate(lengths):
+            wave = batch.inputs[i, :length]
+            spans = long_form_chunks(wave.cpu().numpy(), self.context_samples, self.sample_rate)
+            if len(spans) > 1:
+                self.chunks_decoded += len(spans)
+            for start, stop in spans:
+                pieces.append(wave[start:stop])
+                owner.append(i)
+        texts: list[list[str]] = [[] for _ in lengths]
+        for first in range(0, len(pieces), max(1, len(batch))):
+            part = pieces[first:first + max(1, len(batch))]
+            ids = [f"chunk{j}" for j in range(len(part))]
+            sub = pad_batch(list(part), [[] for _ in part], ["" for _ in part], ids)
+            for j, tokens in enumerate(self.greedy_tokens(sub)):
+                texts[owner[first + j]].append(self.text_of(tokens))
+        return [" ".join(t for t in parts if t) for parts in texts]
 
     def default_prunable(self) -> list[str]:
         """Encoder and decoder Linear weights: self-attention q/k/v/out, cross-attention q/k/v/out, fc1, fc2.
