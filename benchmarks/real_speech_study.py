@@ -116,6 +116,7 @@ def evaluate(model: Path, data: Path, out: Path, audio_ctx: int | None = None) -
     """``dsnn evaluate`` every level of ``model`` on ``data``; the report's essentials."""
     def run() -> dict[str, Any]:
         report = out.with_suffix(".report.json")
+        report.parent.mkdir(parents=True, exist_ok=True)
         extra = [] if audio_ctx is None else ["--audio-ctx", str(audio_ctx)]
         dsnn("evaluate", str(model), "--data", str(data), "--normalizer", "whisper", "--skip-bad", "--json",
              str(report), "--details", *extra)
