@@ -158,6 +158,7 @@ def _dsnn(stage: str, args: list[str], capture: Path | None = None) -> None:
 def _annotate(command: str, text: str) -> None:
     """A GitHub Actions workflow command (log group, error annotation); nothing elsewhere."""
     if os.environ.get("GITHUB_ACTIONS") == "true":
+        text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")  # the commands' escaping
         print(f"::{command}::{text}", flush=True)
 
 
@@ -257,7 +258,8 @@ def run(argv: list[str]) -> None:
                            "--markdown", str(markdown), *gate_args, *extra["DSNN_EVALUATE_ARGS"]])
     except JobError as exc:
         _summarise(markdown)
-        raise JobError(f"{exc}; nothing exported; reports in {reports}", exc.code) from None
+        written = f"; reports in {reports}" if (reports / "evaluate.json").is_file() else ""
+        raise JobError(f"{exc}; nothing exported{written}", exc.code) from None
     _summarise(markdown)
 
     staging, export = out / ".export-partial", out / "export"
