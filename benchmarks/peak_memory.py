@@ -36,7 +36,7 @@ if path.endswith(".onnx"):
     session = ort.InferenceSession(path, options)
     session.run(None, {"features": features.numpy(), "lengths": lengths.numpy()})
 else:
-    from dsnn_compress.sources.runnable import load_checkpoint_adapter
+    from dsnn_compress.sources.opener import load_checkpoint_adapter
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = load_checkpoint_adapter(path).model.eval()
     with torch.inference_mode():

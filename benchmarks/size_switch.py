@@ -41,11 +41,11 @@ from safetensors.torch import load_file, save_file
 
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.core.safetensors_io import read_safetensors, write_safetensors
-from dsnn_compress.core.sparsity import attach
 from dsnn_compress.demo import demo_assets
 from dsnn_compress.export.formats import export_levels
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
-from dsnn_compress.sources.runnable import load_model
+from dsnn_compress.runtime.runnable import load_model
+from dsnn_compress.runtime.sparsity import attach
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_env  # noqa: E402

@@ -44,12 +44,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from dsnn_compress.core.kernels import SparseKernels
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.evaluation.evaluate import transcribe_waveforms
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
-from dsnn_compress.sources.runnable import load_model
+from dsnn_compress.runtime.kernels import SparseKernels
+from dsnn_compress.runtime.runnable import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Interference, machine_env  # noqa: E402

@@ -39,7 +39,8 @@ from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.evaluation.evaluate import evaluate  # noqa: E402
 from dsnn_compress.export.formats import export_level  # noqa: E402
 from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
-from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
+from dsnn_compress.sources.opener import load_checkpoint_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "src" / "dsnn_compress" / "assets" / "demo" / "model.safetensors"

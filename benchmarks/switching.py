@@ -1,6 +1,6 @@
 """Benchmark: the two runtime designs for switching sparsity levels, plus loading a per-level checkpoint.
 
-Designs (see ``dsnn_compress.core.sparsity``):
+Designs (see ``dsnn_compress.runtime.sparsity``):
 
 * **in-place** (``DynamicSparsity.set_level``): a switch writes ``dense * mask`` into the parameters once (it costs
   one pass over the pruned weights); every forward afterwards is a plain forward. Extra memory: a dense copy of the
@@ -46,7 +46,7 @@ from dsnn_compress.core.levels import parse_levels
 from dsnn_compress.core.masked import masked_parameters
 from dsnn_compress.core.masks import compute_codes
 from dsnn_compress.core.selection import select_prunable
-from dsnn_compress.core.sparsity import attach
+from dsnn_compress.runtime.sparsity import attach
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Interference, machine_env, wait_for_idle  # noqa: E402

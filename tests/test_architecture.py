@@ -1,34 +1,41 @@
 """The package's layering, checked on its source (``ast``), so that it stays as docs/architecture.md draws it.
 
-Stages, lowest first: ``core`` (levels, masks, selection, bundle, switching, masked forward, schedule, safetensors)
-and ``data`` know nothing above them; ``models`` know core and data; ``sources`` open inputs with models' help;
-``training``, ``evaluation`` and ``export`` use sources; ``report`` formats results; ``cli`` and ``demo`` sit on top.
-The utilities (``errors``, ``atomic``, ``validation``, the package itself) sit below every stage: any module may
-import them, and ``validation`` (the field types and the one validation-error formatter shared by recipes and
-model-family configs) imports nothing of the package but ``errors``.
+Stages, lowest first: ``core`` (the formats and algorithms: levels, masks, groups, bundle, masked forward,
+schedules, safetensors) and ``data`` know nothing above them; ``models`` know core and data; ``sources`` open inputs
+with models' help; ``runtime`` runs what they opened (level switches, kernels, ``LoadedModel``); ``training``,
+``evaluation`` and ``export`` use sources and runtime; ``report`` formats results; the CLI with its presenters
+(``console``, ``display``), the demo and the prune stage sit on top. The utilities (``errors``, ``atomic``,
+``validation``, the package itself) sit below every stage: any module may import them, and ``validation`` (the field
+types and the one validation-error formatter shared by recipes and model-family configs) imports nothing of the
+package but ``errors``. docs/architecture.md names every module in the row of its stage (checked here too).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dsnn_compress"
-STAGES = ("core", "data", "models", "sources", "training", "evaluation", "export", "report")
-TOP = ("cli", "demo", "prune", "console", "__main__")
+DOC = PACKAGE.parents[1] / "docs" / "architecture.md"
+STAGES = ("core", "data", "models", "sources", "calibration", "runtime", "training", "evaluation", "export",
+          "report")
+TOP = ("cli", "__main__", "display", "console", "demo", "prune", "structured_prune")
 UTILITIES = ("errors", "atomic", "validation", "")  # "" = the package itself (version, tool_metadata)
 
 FORBIDDEN: dict[str, set[str]] = {
     "core": set(STAGES) - {"core"} | set(TOP),
     "data": set(STAGES) - {"data", "core"} | set(TOP),
-    "models": {"sources", "training", "evaluation", "export", "report", *TOP},
-    "sources": {"training", "evaluation", "export", "report", *TOP},
+    "models": {"sources", "calibration", "runtime", "training", "evaluation", "export", "report", *TOP},
+    "sources": {"calibration", "runtime", "training", "evaluation", "export", "report", *TOP},
+    "calibration": {"runtime", "training", "evaluation", "export", "report", *TOP},
+    "runtime": {"training", "evaluation", "export", "report", *TOP},
     "evaluation": {"training", "export", "report", *TOP},
-    "training": {"export", "report", "cli", "demo", "prune", "__main__"},
+    "training": {"export", "report", *TOP},  # console and display included: the trainer reports through callbacks
     "export": {"training", "evaluation", "report", *TOP},
-    "report": {"training", "evaluation", "sources", "export", *TOP},
+    "report": {"training", "evaluation", "sources", "calibration", "runtime", "export", *TOP},
 }
 """Stage -> the stages and top-level modules it must not import (never a utility: everybody may import those)."""
 
@@ -177,3 +184,95 @@ def test_one_opener_recognises_inputs() -> None:
             if needle in text:
                 bad.append(f"{name} calls {needle}")
     assert not bad, bad
+
+
+def test_only_the_opener_builds_adapters_from_model_descriptions() -> None:
+    """Outside ``models/``, a model description becomes a runnable model in one place: ``Source.adapter``."""
+    bad = [name for name, path in modules().items()
+           if stage_of(name) != "models" and name != "sources.opener"
+           and "adapter_from_metadata(" in path.read_text(encoding="utf-8")]
+    assert not bad, bad
+
+
+def test_no_module_rebinds_a_global() -> None:
+    """No ``global`` statement: state such as the command line travels as arguments (the CLI's click context)."""
+    bad = [f"{name}:{node.lineno}" for name, path in modules().items()
+           for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.Global)]
+    assert not bad, bad
+
+
+# ----------------------------------------------------------------------------------- docs/architecture.md
+
+TOP_LEVEL_ROWS = ("utilities", "top")
+"""The rows of docs/architecture.md's stage table that name top-level modules (the others are folders)."""
+
+
+def documented_rows(text: str) -> dict[str, set[str]]:
+    """The stage table of docs/architecture.md: row key -> the backticked module names of its *modules* cell.
+
+    A row's key is its folder (``core`` for ``| `core/` |``, ``validation`` for ``| `validation/` (utility) |``)
+    or, for the rows of top-level modules, its plain first cell (``top``, ``utilities``).
+    """
+    section = text.split("## Stages", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 2 or cells[0] in ("stage", "") or set(cells[0]) <= {"-"}:
+            continue
+        folder = re.match(r"`(\w+)/`", cells[0])
+        key = folder.group(1) if folder else cells[0]
+        assert key not in rows, f"two rows for {key}"
+        rows[key] = set(re.findall(r"`([\w.]+)`", cells[1]))
+    return rows
+
+
+def module_rows(names: list[str]) -> dict[str, set[str]]:
+    """Where the naming rule puts each module: ``a.b.c`` -> row ``a``, name ``b.c``; a stage package's
+    ``__init__`` (``core``) -> its own row, no name; a top-level file -> the top-level rows (key ``""``). The package
+    itself (``""``, its ``__init__``: version and ``tool_metadata``) is not a row of the table."""
+    folders = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    wanted: dict[str, set[str]] = {}
+    for name in names:
+        head, _, rest = name.partition(".")
+        if not name:
+            continue
+        if head in folders:
+            wanted.setdefault(head, set()).update({rest} if rest else set())
+        else:
+            wanted.setdefault("", set()).add(name)
+    return wanted
+
+
+def test_the_doc_reader_applies_the_naming_rule() -> None:
+    doc = ("## Stages\n\n| stage | modules | job |\n|---|---|---|\n| utilities | `errors` | x |\n"
+           "| `models/` | `base`, `hf_ctc`, `hf_ctc.adapter` | `not_a_module_cell` |\n| top | `cli` | y |\n\n## Next\n"
+           "| `core/` | `ignored` | after the section |\n")
+    assert documented_rows(doc) == {"utilities": {"errors"}, "models": {"base", "hf_ctc", "hf_ctc.adapter"},
+                                    "top": {"cli"}}
+    assert module_rows(["", "cli", "errors", "models", "models.base", "models.hf_ctc", "models.hf_ctc.adapter"]) == {
+        "": {"cli", "errors"}, "models": {"base", "hf_ctc", "hf_ctc.adapter"}}
+
+
+def test_the_architecture_page_names_every_module_in_its_stage_row() -> None:
+    """Every module under src/dsnn_compress is named in docs/architecture.md's table, in the row of its stage,
+    relative to the stage's folder (``hf_ctc.adapter`` in the ``models/`` row); top-level modules in the rows
+    *utilities* or *top*. And every name there is a module, so the page cannot keep a moved or deleted one."""
+    rows = documented_rows(DOC.read_text(encoding="utf-8"))
+    top_level = set().union(*(rows.get(key, set()) for key in TOP_LEVEL_ROWS))
+    wanted = module_rows(list(modules()))
+    missing = [f"{stage or 'top-level'}: {name}" for stage, names in wanted.items()
+               for name in sorted(names - (top_level if not stage else rows.get(stage, set())))]
+    missing += [f"no row for {stage}/" for stage in wanted if stage and stage not in rows]
+    assert not missing, "modules docs/architecture.md does not name:\n" + "\n".join(missing)
+    stale = [f"{key}: {name}" for key, names in rows.items() for name in sorted(names)
+             if (name if key in TOP_LEVEL_ROWS else f"{key}.{name}") not in modules()]
+    assert not stale, "docs/architecture.md names modules that do not exist:\n" + "\n".join(stale)
+
+
+def test_the_architecture_page_has_the_layering_of_this_test() -> None:
+    """The table's rows are this test's stages, top modules and utilities, lowest stage first."""
+    rows = documented_rows(DOC.read_text(encoding="utf-8"))
+    assert rows["top"] == set(TOP)
+    assert rows["utilities"] | {"validation", ""} == set(UTILITIES)
+    folders = [key for key in rows if key not in ("top", "utilities", "validation")]
+    assert folders == list(STAGES)

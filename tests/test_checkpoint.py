@@ -14,7 +14,7 @@ from helpers import random_state_dict, write_checkpoint
 from safetensors.torch import save_file
 
 from dsnn_compress.errors import DsnnError
-from dsnn_compress.sources.opener import open_source
+from dsnn_compress.sources.opener import SourceKind, open_source
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -39,6 +39,19 @@ def test_safetensors_file(tmp_path: Path) -> None:
     assert source.file_metadata == {"note": "hello"}
     assert source.skipped_entries == []
     assert_same_tensors(source.tensors, state)
+
+
+def test_source_kinds_are_an_enum_that_reads_and_records_as_before(tmp_path: Path) -> None:
+    """The kinds are enum members; messages, JSON reports and bundles still show the strings they always did."""
+    assert {kind: kind.value for kind in SourceKind} == {
+        SourceKind.BUNDLE: "dsnn-bundle", SourceKind.CHECKPOINT: "dsnn-checkpoint",
+        SourceKind.SAFETENSORS: "safetensors", SourceKind.TORCH: "torch", SourceKind.HF_DIR: "hf-dir",
+        SourceKind.CT2_DIR: "ct2-dir"}
+    source = open_source(write_checkpoint(tmp_path / "model.pt", random_state_dict(2)))
+    assert source.kind is SourceKind.TORCH and source.kind == "torch"
+    assert f"{source.kind} / {source.container}" == "torch / torch" and str(source.kind) == "torch"
+    record = source.provenance(physical=True)
+    assert type(record["kind"]) is str and json.dumps(record["kind"]) == '"torch"'
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])

@@ -13,10 +13,10 @@ from helpers import DEFAULT_PRUNED, assert_one_error_line, oracle_codes, random_
 
 from dsnn_compress.core.bundle import Bundle, load_bundle, save_bundle
 from dsnn_compress.core.masks import compute_codes
-from dsnn_compress.core.sparsity import DynamicSparsity
 from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.report.tables import evaluation_markdown
+from dsnn_compress.runtime.sparsity import DynamicSparsity
 
 LEVELS = (0.3, 0.6, 0.9)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsnn_compress.training import display as display_module
-from dsnn_compress.training.display import TrainingDisplay
+from dsnn_compress import display as display_module
+from dsnn_compress.display import TrainingDisplay
 
 
 def test_speed_is_measured_from_every_tick(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from dsnn_compress.export.formats import export_level, export_levels, level_outp
 from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
-from dsnn_compress.sources.runnable import load_checkpoint_adapter
+from dsnn_compress.sources.opener import load_checkpoint_adapter
 
 DATA = Path(__file__).parent / "data"
 VOCABULARY = list("abcdefghijklmnopqrstuvwxyz' ")

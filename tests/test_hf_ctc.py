@@ -33,8 +33,8 @@ from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError, UsageError  # noqa: E402
 from dsnn_compress.models import hf_ctc  # noqa: E402
 from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 from dsnn_compress.sources.opener import open_source  # noqa: E402
-from dsnn_compress.sources.runnable import load_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"

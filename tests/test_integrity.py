@@ -23,8 +23,8 @@ from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.errors import DsnnError
 from dsnn_compress.export.formats import export_level
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
+from dsnn_compress.runtime.runnable import load_model
 from dsnn_compress.sources.opener import open_source
-from dsnn_compress.sources.runnable import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,8 +17,6 @@ from asr_fixtures import VOCABULARY, adapter_at, audio_files, copy_manifest, dec
 from helpers import assert_usage_error, run_cli
 from torch import nn
 
-from dsnn_compress.core import kernels as kernels_module
-from dsnn_compress.core.kernels import SparseKernels, SparseLinear, no_sparse_path, parse_kernels
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.batch import pad_batch
 from dsnn_compress.errors import UsageError
@@ -26,8 +24,10 @@ from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.evaluation.transcribe import transcribe
 from dsnn_compress.models.registry import new_adapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
+from dsnn_compress.runtime import kernels as kernels_module
+from dsnn_compress.runtime.kernels import SparseKernels, SparseLinear, no_sparse_path, parse_kernels
+from dsnn_compress.runtime.runnable import load_model
 from dsnn_compress.sources.checkpoint import save_checkpoint
-from dsnn_compress.sources.runnable import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FILES = [audio_files()[i] for i in (0, 6, 7)]

@@ -17,11 +17,11 @@ from asr_fixtures import adapter_at, audio_files  # noqa: E402
 from test_hf_ctc import build_hf_dir  # noqa: E402
 from whisper_fixtures import build_whisper_dir  # noqa: E402
 
-from dsnn_compress.core.kernels import SparseLinear  # noqa: E402
 from dsnn_compress.data.audio import load_audio  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
-from dsnn_compress.sources.runnable import load_model  # noqa: E402
+from dsnn_compress.runtime.kernels import SparseLinear  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FILES = [audio_files()[i] for i in (0, 3)]  # both shorter than 2.2 s

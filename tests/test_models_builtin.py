@@ -23,7 +23,7 @@ from dsnn_compress.models.conformer import CONFORMER_SIZES, ConformerConfig, Con
 from dsnn_compress.models.lstm import LSTM_SIZES, LSTMCTC, LSTMConfig
 from dsnn_compress.models.registry import FAMILIES, adapter_from_metadata, new_adapter, register_family
 from dsnn_compress.sources.checkpoint import MODEL_METADATA_KEY, save_checkpoint
-from dsnn_compress.sources.runnable import load_checkpoint_adapter
+from dsnn_compress.sources.opener import load_checkpoint_adapter
 
 VOCAB = ["<blank>", " ", "'", "a", "b", "c", "d", "e"]
 TINY = {

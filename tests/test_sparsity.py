@@ -10,9 +10,9 @@ from torch.func import functional_call
 
 from dsnn_compress.core.bundle import Bundle, load_bundle
 from dsnn_compress.core.masked import masked_parameters
-from dsnn_compress.core.sparsity import attach
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
+from dsnn_compress.runtime.sparsity import attach
 
 LEVELS = (0.3, 0.6, 0.9)
 PRUNED = ["lstm.weight_hh_l0", "lstm.weight_hh_l0_reverse", "lstm.weight_ih_l0", "lstm.weight_ih_l0_reverse",

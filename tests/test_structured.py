@@ -24,9 +24,10 @@ from dsnn_compress.export.formats import export_level
 from dsnn_compress.models.registry import FAMILIES, adapter_from_metadata, get_family, new_adapter, register_family
 from dsnn_compress.models.structure import model_groups
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
+from dsnn_compress.runtime.runnable import load_model
+from dsnn_compress.runtime.structured import StructuredViews
 from dsnn_compress.sources.checkpoint import save_checkpoint
-from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model
-from dsnn_compress.sources.structured_runtime import StructuredViews
+from dsnn_compress.sources.opener import load_checkpoint_adapter
 
 VOCABULARY = list("abcdefghijklmnopqrstuvwxyz' ")
 LEVELS = [0.5, 0.7]

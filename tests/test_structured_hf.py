@@ -26,8 +26,8 @@ from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError  # noqa: E402
 from dsnn_compress.models.hf_ctc import HF_CTC  # noqa: E402
 from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
-from dsnn_compress.sources.opener import open_source  # noqa: E402
-from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
+from dsnn_compress.sources.opener import load_checkpoint_adapter, open_source  # noqa: E402
 
 KINDS = ("w2v-group", "w2v-layer", "hubert", "wavlm", "data2vec")
 ARCH.update({"wavlm": "WavLMForCTC", "data2vec": "Data2VecAudioForCTC"})

@@ -30,8 +30,8 @@ from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
 from dsnn_compress.models.whisper import WHISPER  # noqa: E402
 from dsnn_compress.models.whisper.adapter import quiet_transformers  # noqa: E402
 from dsnn_compress.models.whisper.ct2 import read_model_bin  # noqa: E402
-from dsnn_compress.sources.opener import open_source  # noqa: E402
-from dsnn_compress.sources.runnable import load_checkpoint_adapter, load_model  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
+from dsnn_compress.sources.opener import load_checkpoint_adapter, open_source  # noqa: E402
 
 MANIFEST = Path(__file__).parent / "data" / "manifest.jsonl"
 FFN = {"encoder": 32, "decoder": 24}

@@ -33,7 +33,7 @@ from dsnn_compress.errors import UsageError
 from dsnn_compress.evaluation.evaluate import evaluate
 from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.models.registry import adapter_from_metadata
-from dsnn_compress.sources.runnable import load_model
+from dsnn_compress.runtime.runnable import load_model
 from dsnn_compress.training import trainer as train
 from dsnn_compress.training.model_setup import build_model
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe

@@ -21,7 +21,7 @@ from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
 from dsnn_compress.models.base import AdapterRunner
-from dsnn_compress.sources.runnable import load_model
+from dsnn_compress.runtime.runnable import load_model
 from dsnn_compress.training.model_setup import build_model
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from dsnn_compress.training.trainer import Finetuner, finetune

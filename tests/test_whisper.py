@@ -34,8 +34,8 @@ from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.evaluation.evaluate import evaluate  # noqa: E402
 from dsnn_compress.models.whisper.adapter import long_form_chunks, token_bound  # noqa: E402
+from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 from dsnn_compress.sources.opener import open_source  # noqa: E402
-from dsnn_compress.sources.runnable import load_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"

@@ -272,7 +272,7 @@ def test_pruned_level_exported_to_faster_whisper(tmp_path: Path, capsys: pytest.
     from faster_whisper import WhisperModel
     from faster_whisper.audio import pad_or_trim
 
-    from dsnn_compress.sources.runnable import load_model
+    from dsnn_compress.runtime.runnable import load_model
 
     bundle, out = tmp_path / "b.safetensors", tmp_path / "d"
     assert run_cli(capsys, "prune", WHEEL, "--levels", "0.3,0.5", "-o", bundle).code == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -51,12 +52,18 @@ def _root(
     """Dynamic Sparsity Neural Networks for ASR."""
 
 
-_ARGS: list[str] | None = None
-"""The arguments :func:`main` is running (``sys.argv`` is not them when ``main(argv)`` is called in-process)."""
+@dataclass(frozen=True)
+class Invocation:
+    """The arguments :func:`main` runs (``sys.argv`` is not them when ``main(argv)`` is called in-process), handed
+    to the commands as the click context's ``obj``."""
+
+    args: tuple[str, ...]
 
 
-def _command_line() -> list[str]:
-    return ["dsnn", *[a for a in (sys.argv[1:] if _ARGS is None else _ARGS) if a != "--debug"]]
+def _command_line(ctx: typer.Context) -> list[str]:
+    """The command line as a bundle records it: ``dsnn`` and the arguments, without ``--debug``."""
+    args = ctx.obj.args if isinstance(ctx.obj, Invocation) else tuple(sys.argv[1:])
+    return ["dsnn", *[a for a in args if a != "--debug"]]
 
 
 KernelsOption = Annotated[str, typer.Option(
@@ -76,6 +83,7 @@ def _split_patterns(values: list[str] | None) -> list[str]:
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(
         metavar="CHECKPOINT",
         help="Dense checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, or a Hugging Face / faster-whisper model "
@@ -113,7 +121,7 @@ def prune(
 
     options = PruneOptions(parse_levels(levels), allocation, granularity, _split_patterns(include),
                            _split_patterns(exclude), method, profile, calibration, calibration_utterances,
-                           command=_command_line())
+                           command=_command_line(ctx))
     options.check()
     notes: list[str] = []
     with progress() as bar:
@@ -318,8 +326,8 @@ def finetune(
     verify: VerifyOption = True,
 ) -> None:
     """Joint multi-level DSNN fine-tuning (or dense training when the recipe has no levels)."""
+    from .display import TrainingDisplay
     from .report.tables import to_json
-    from .training.display import TrainingDisplay
     from .training.options import finetune_summary, recipe_from_options
     from .training.trainer import finetune as run_finetune
 
@@ -351,8 +359,8 @@ def demo(
     """One-shot pruning vs the shipped DSNN bundle, plus a short live fine-tune of it, on embedded data, offline."""
     from .core.levels import parse_levels
     from .demo import comparison_rows, run_demo
+    from .display import TrainingDisplay
     from .report.tables import demo_tables, to_json
-    from .training.display import TrainingDisplay
 
     level_values = parse_levels(levels)
     with TrainingDisplay(json_mode=json_out) as display:
@@ -376,11 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DSNN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    global _ARGS
-    _ARGS = args
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=args, prog_name="dsnn", standalone_mode=False)
+        code = command.main(args=args, prog_name="dsnn", standalone_mode=False, obj=Invocation(tuple(args)))
         if code == 130:  # typer turns Ctrl-C into this return value when not standalone
             raise KeyboardInterrupt
     except DsnnError as exc:

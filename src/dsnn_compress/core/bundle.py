@@ -19,7 +19,7 @@ from ..errors import DsnnError, UsageError
 from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
 from .continuous import keep_masks
 from .group_format import StructuredLevels, parse_structured
-from .levels import Levels, validate_levels
+from .levels import LevelLookups, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
 from .safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
 from .scores import block_of
@@ -34,8 +34,11 @@ _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "co
 
 
 @dataclass
-class Bundle:
-    """Dense tensors, their keep codes and metadata. Level ``k`` keeps weights whose code is ``>= k``."""
+class Bundle(LevelLookups):
+    """Dense tensors, their keep codes and metadata. Level ``k`` keeps weights whose code is ``>= k``.
+
+    The level lookups (``all_levels``, ``level_index``, ``resolve_level``, ``is_trained``) come from
+    :class:`~dsnn_compress.core.levels.LevelLookups`."""
 
     tensors: dict[str, torch.Tensor]
     codes: dict[str, torch.Tensor]
@@ -51,31 +54,14 @@ class Bundle:
     """Group sets and group codes of a structured bundle (None: weight granularity)."""
 
     @property
-    def all_levels(self) -> tuple[float, ...]:
-        """Every level including the dense 0."""
-        return (0.0, *self.levels)
-
-    @property
     def bits(self) -> int:
         """Bits per weight of the packed codes."""
         return code_bits(len(self.levels))
-
-    def level_index(self, level: float | str) -> int:
-        """Index (0 = dense) of ``level``, given as a fraction (``0.7``), a percentage (``70%``) or ``dense``."""
-        return Levels(self.levels).index(level, "this bundle")
 
     @property
     def allocation(self) -> str:
         """``per-layer`` or ``global`` (how the levels were allocated; it also orders continuous levels)."""
         return str(self.metadata.get("allocation") or "per-layer")
-
-    def resolve_level(self, level: float | str) -> float:
-        """Any level in [0, largest] (a trained level's stored value when it names one); UsageError otherwise."""
-        return Levels(self.levels).resolve(level, "this bundle")
-
-    def is_trained(self, level: float | str) -> bool:
-        """True when ``level`` is the dense level or a trained level (not one between them)."""
-        return Levels(self.levels).is_trained(self.resolve_level(level))
 
     def masks_at(self, level: float | str) -> dict[str, torch.Tensor]:
         """Boolean keep-mask of every pruned tensor at ``level``, trained or continuous (``core.continuous``)."""

@@ -198,3 +198,29 @@ class Levels:
     def choices(self) -> str:
         """The available levels as text for error messages: ``0, 0.5, 0.9``."""
         return ", ".join(f"{v:g}" for v in self.all)
+
+
+class LevelLookups:
+    """The level lookups of everything that holds a model's trained ``levels`` (a bundle, a level switch), written
+    once. The class using it sets ``levels`` (the sparse levels; the dense 0 is implicit); errors name "this
+    bundle"."""
+
+    levels: tuple[float, ...]
+
+    @property
+    def all_levels(self) -> tuple[float, ...]:
+        """Every trained level, dense 0 first."""
+        return (0.0, *self.levels)
+
+    def level_index(self, level: float | str) -> int:
+        """Index (0 = dense) of the trained level ``level``, given as a fraction (``0.7``), a percentage (``70%``)
+        or ``dense``; UsageError for any other value."""
+        return Levels(self.levels).index(level, "this bundle")
+
+    def resolve_level(self, level: float | str) -> float:
+        """Any level in [0, largest] (a trained level's stored value when it names one); UsageError otherwise."""
+        return Levels(self.levels).resolve(level, "this bundle")
+
+    def is_trained(self, level: float | str) -> bool:
+        """True when ``level`` is the dense level or a trained level (not one between them)."""
+        return Levels(self.levels).is_trained(self.resolve_level(level))

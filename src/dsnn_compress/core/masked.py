@@ -2,7 +2,7 @@
 
 For level ``k`` the forward uses ``weight * (code >= k)`` through ``torch.func.functional_call``, so a pruned weight
 gets gradient only from the levels where it is alive: what joint multi-level training needs. (Run-time switching
-for inference rewrites the weights in place instead: :mod:`~dsnn_compress.core.sparsity`.)
+for inference rewrites the weights in place instead: :mod:`~dsnn_compress.runtime.sparsity`.)
 
 The functions here know nothing of models or data. A *runner* is any ``nn.Module`` whose ``forward(batch, mode)``
 returns, for ``mode == "loss"``, a tuple ``(loss, scores, lengths)``: a scalar loss and the ``[B, T, V]`` scores

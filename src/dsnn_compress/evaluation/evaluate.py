@@ -20,7 +20,7 @@ from ..data.manifest import read_manifest
 from ..data.prepare import prepare_data
 from ..data.text import get_normalizer
 from ..errors import DsnnError, GateError, UsageError
-from ..sources.runnable import LoadedModel, load_model
+from ..runtime.runnable import LoadedModel, load_model
 from .scoring import char_errors, word_errors
 
 REPORT_SCHEMA = "dsnn-evaluate/1"
@@ -72,7 +72,7 @@ def evaluate(
     extraction, the forward pass and decoding (audio is read from disk once beforehand), after one untimed
     warm-up batch.
 
-    ``kernels`` (``dense`` | ``sparse`` | ``auto``, :mod:`~dsnn_compress.core.kernels`): how pruned layers compute at
+    ``kernels`` (``dense`` | ``sparse`` | ``auto``, :mod:`~dsnn_compress.runtime.kernels`): how pruned layers compute at
     sparse levels; ``auto`` times dense against CSR per layer on the shapes of the first batch, before the timed
     passes. Each level's entry says how many layers ran sparse.
     """

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.audio import load_audio
-from ..sources.runnable import load_model
+from ..runtime.runnable import load_model
 from .evaluate import transcribe_waveforms
 
 
@@ -26,7 +26,7 @@ def transcribe(model_path: str | Path, audio: Sequence[str | Path], level: float
     if loaded.kernels is None or loaded.sparsity is None:
         loaded.set_level(level)
     else:  # the level is checked before reading audio; it is set once auto kernels can time on the first file
-        loaded.sparsity.resolve(level)
+        loaded.resolve_level(level)
     waves = [load_audio(path, loaded.adapter.sample_rate) for path in audio]
     if loaded.kernels is not None:
         if waves:

@@ -17,10 +17,11 @@ from ..core.compressed import compress_state_dict
 from ..core.levels import level_number, level_tag
 from ..core.safetensors_io import write_safetensors
 from ..errors import DsnnError, UsageError
-from ..models.registry import adapter_from_metadata, get_family
+from ..models.base import ModelAdapter
+from ..models.registry import FamilyFactory, get_family
+from ..runtime.structured import compact_adapter
 from ..sources.checkpoint import save_checkpoint
-from ..sources.opener import open_source
-from ..sources.structured_runtime import compact_adapter
+from ..sources.opener import bundle_source, open_source
 from .compressed import check_compress_format, write_compressed_directory
 
 FORMATS = ("safetensors", "torch", "checkpoint", "onnx", "hf", "ct2")
@@ -60,8 +61,10 @@ def level_output_path(output: Path, level: float) -> Path:
     return output.with_name(f"{output.stem}-{level_tag(level)}{output.suffix}")
 
 
-def _adapter_at(bundle: Bundle, level: float, fmt: str):  # noqa: ANN202 - a ModelAdapter
-    """The bundle's model at ``level``, after checking that its family can be written as ``fmt``."""
+def _adapter_at(bundle: Bundle, level: float, fmt: str) -> tuple[ModelAdapter, FamilyFactory]:
+    """The bundle's model at ``level`` and its family, after checking that the family can be written as ``fmt``.
+    The model is built by the opener (:meth:`~dsnn_compress.sources.opener.Source.adapter`) with the level's
+    weights; a structured bundle's sparse level is then its physically smaller model."""
     meta = bundle.metadata.get("model")
     if not isinstance(meta, dict):
         raise DsnnError("this bundle carries no model description, so only plain state dicts can be exported",
@@ -72,8 +75,7 @@ def _adapter_at(bundle: Bundle, level: float, fmt: str):  # noqa: ANN202 - a Mod
         name = meta.get("family")
         raise UsageError(f"--format {fmt} is not available for {name} models",
                          "choose one of: " + ", ".join(f"--format {f}" for f in ("safetensors", "torch", *formats)))
-    adapter = adapter_from_metadata(meta, bundle.state_dict_at(level))
-    adapter.model.eval()
+    adapter = bundle_source(bundle).adapter(purpose="export", tensors=bundle.state_dict_at(level))
     if bundle.structured is not None and bundle.level_index(level) > 0:  # the level physically smaller
         adapter = compact_adapter(bundle, adapter, bundle.level_index(level), fmt)
     return adapter, family

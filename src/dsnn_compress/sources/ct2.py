@@ -14,9 +14,9 @@ from pathlib import Path
 from ..errors import DsnnError
 from ..models.registry import describe_directory
 from ..models.whisper.ct2 import peek_ct2_header, read_ct2_directory
-from .opener import Source, SourceReader, register_reader
+from .opener import Source, SourceKind, SourceReader, register_reader
 
-KIND = "ct2-dir"
+KIND = SourceKind.CT2_DIR
 
 
 def recognises(path: Path) -> bool:

@@ -1,7 +1,7 @@
 """The one place that recognises inputs: :func:`open_source` turns a path into a :class:`Source`.
 
-Every command starts here. A *reader* recognises one kind of input and reads it; readers are tried in order and the
-first that recognises the path wins:
+Every command starts here. A *reader* recognises one kind of input (a :class:`SourceKind`, whose value is what
+reports and bundles record) and reads it; readers are tried in order and the first that recognises the path wins:
 
 * ``dsnn-bundle``: a safetensors file with ``format = dsnn-bundle`` metadata (weights, keep codes, levels);
 * ``dsnn-checkpoint``: a safetensors file carrying a dsnn model description (written by ``finetune``/``export``);
@@ -11,19 +11,20 @@ first that recognises the path wins:
 * ``hf-dir``: a Hugging Face ``save_pretrained`` directory (``config.json`` plus weights); the model families'
   directory describers (``models.registry.describe_directory``) say whether it is a model dsnn can run.
 
-A new kind of input (another toolkit's model directory, say) is one more reader registered with
-:func:`register_reader`, ahead of the generic ones; a new model family stored as a Hugging Face directory only
-registers a describer in ``models.registry``. Callers never change: they get a :class:`Source` with the tensors,
-the model description when the input has one (:meth:`Source.adapter` builds the runnable model), the codes and
-levels of a bundle, and provenance.
+A new kind of input (another toolkit's model directory, say) is one more :class:`SourceKind` member and one more
+reader registered with :func:`register_reader`, ahead of the generic ones; a new model family stored as a Hugging
+Face directory only registers a describer in ``models.registry``. Callers never change: they get a
+:class:`Source` with the tensors, the model description when the input has one (:meth:`Source.adapter` builds the
+runnable model), the codes and levels of a bundle, and provenance.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,33 @@ from .checkpoint import CHECKPOINT_FORMAT, MODEL_METADATA_KEY, check_checkpoint_
 from .files import TORCH_SUFFIXES, read_hf_dir, read_torch_file, sha256_file
 
 
+class SourceKind(str, Enum):
+    """What an input is; each member's value is the name reports and bundles record (``"hf-dir"``), and a member
+    compares equal to it."""
+
+    BUNDLE = BUNDLE_FORMAT
+    """``dsnn-bundle``: weights, keep codes and levels."""
+    CHECKPOINT = CHECKPOINT_FORMAT
+    """``dsnn-checkpoint``: a safetensors file carrying a dsnn model description."""
+    SAFETENSORS = "safetensors"
+    """Any other safetensors file (a plain state dict)."""
+    TORCH = "torch"
+    """A torch pickle (``.pt/.pth/.bin/.ckpt``)."""
+    HF_DIR = "hf-dir"
+    """A Hugging Face ``save_pretrained`` directory."""
+    CT2_DIR = "ct2-dir"
+    """A faster-whisper / CTranslate2 model directory (reader: :mod:`.ct2`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Source:
     """An opened input: its tensors, what it describes, and where it came from."""
 
     path: Path
-    kind: str
-    """``dsnn-bundle``, ``dsnn-checkpoint``, ``safetensors``, ``torch``, ``hf-dir`` (or a plugin's kind)."""
+    kind: SourceKind
     tensors: dict[str, torch.Tensor]
     hashed_file: Path
     """The file whose sha256 identifies the source (the weights file of a directory)."""
@@ -94,9 +115,9 @@ class Source:
         return self.model_meta is not None
 
     @property
-    def container(self) -> str:
-        """The physical format: ``safetensors``, ``torch`` or ``hf-dir`` (a bundle or checkpoint is safetensors)."""
-        return "safetensors" if self.kind in (BUNDLE_FORMAT, CHECKPOINT_FORMAT) else self.kind
+    def container(self) -> SourceKind:
+        """The physical format: the kind, except that a bundle or checkpoint is ``safetensors``."""
+        return SourceKind.SAFETENSORS if self.kind in (SourceKind.BUNDLE, SourceKind.CHECKPOINT) else self.kind
 
     def require_bundle(self) -> Bundle:
         """The bundle, or the error a command that needs one gives for anything else."""
@@ -108,16 +129,18 @@ class Source:
     def provenance(self, physical: bool = False) -> dict[str, Any]:
         """``{"file", "sha256", "kind"}``: what bundles record as their source. ``kind`` is :attr:`kind`, or with
         ``physical`` the :attr:`container` (what ``dsnn prune`` records for the dense checkpoint)."""
-        return {"file": self.path.name, "sha256": self.sha256, "kind": self.container if physical else self.kind}
+        kind = self.container if physical else self.kind
+        return {"file": self.path.name, "sha256": self.sha256, "kind": kind.value}
 
-    def adapter(self, normalizer: str | None = None, purpose: str = "run", audio_ctx: int | None = None
-                ) -> ModelAdapter:
+    def adapter(self, normalizer: str | None = None, purpose: str = "run", audio_ctx: int | None = None,
+                tensors: Mapping[str, torch.Tensor] | None = None) -> ModelAdapter:
         """The runnable model with this source's weights loaded (eval mode); DsnnError when the input has no model
         description. ``normalizer`` replaces the description's text normaliser, ``audio_ctx`` a Whisper model's
-        encoder context (UsageError for other families); ``purpose`` words the error."""
+        encoder context (UsageError for other families); ``purpose`` words the error. ``tensors`` are loaded instead
+        of the source's own (one level of a bundle: ``bundle.state_dict_at(level)``)."""
         if self.model_meta is None:
             raise DsnnError(f"{self.path} carries no model description, so it cannot be {_PURPOSES[purpose]}",
-                            _NO_MODEL_HINT[self.kind] if self.kind in _NO_MODEL_HINT else _NO_MODEL_HINT["*"])
+                            _NO_MODEL_HINT.get(self.kind, _NO_MODEL_HINT_OTHER))
         meta = dict(self.model_meta)
         if normalizer is not None:
             meta["normalizer"] = normalizer
@@ -126,7 +149,7 @@ class Source:
                 raise UsageError(f"audio_ctx applies to Whisper models, but {self.path} holds a "
                                  f"{meta.get('family')} model", "leave audio_ctx unset")
             meta["audio_ctx"] = audio_ctx
-        adapter = adapter_from_metadata(meta, self.tensors)
+        adapter = adapter_from_metadata(meta, self.tensors if tensors is None else tensors)
         adapter.model.eval()
         return adapter
 
@@ -137,11 +160,11 @@ _MISSING_HINT = {
 }
 _PURPOSES = {"run": "run", "finetune": "fine-tuned", "export": "exported as a model"}
 _NO_MODEL_HINT = {
-    "dsnn-bundle": "prune a checkpoint that describes its model (a dsnn checkpoint or a supported Hugging Face "
+    SourceKind.BUNDLE: "prune a checkpoint that describes its model (a dsnn checkpoint or a supported Hugging Face "
                    "model directory) to get a runnable bundle",
-    "hf-dir": "supported Hugging Face architectures are listed in docs/huggingface.md",
-    "*": "pass a DSNN bundle, a dsnn checkpoint or a supported Hugging Face model directory",
+    SourceKind.HF_DIR: "supported Hugging Face architectures are listed in docs/huggingface.md",
 }
+_NO_MODEL_HINT_OTHER = "pass a DSNN bundle, a dsnn checkpoint or a supported Hugging Face model directory"
 
 
 @dataclass(frozen=True)
@@ -149,7 +172,7 @@ class SourceReader:
     """A kind of input: ``recognises(path)`` is cheap (names, headers); ``read(path, verify)`` loads it (checking
     the checksums it carries when ``verify``)."""
 
-    kind: str
+    kind: SourceKind
     recognises: Callable[[Path], bool]
     read: Callable[[Path, bool], Source]
 
@@ -201,6 +224,20 @@ def open_source(path: str | Path, allow_bundle: bool = True, role: str = "input"
                     "use .safetensors, .pt, .pth, .bin, .ckpt or a Hugging Face model directory")
 
 
+def load_checkpoint_adapter(path: str | Path) -> ModelAdapter:
+    """The adapter of a self-describing dsnn checkpoint, weights loaded (DsnnError for anything else)."""
+    return open_source(path, role="checkpoint").adapter()
+
+
+def bundle_source(bundle: Bundle) -> Source:
+    """The :class:`Source` of a bundle (what :func:`open_source` returns for its file; also for a bundle in memory,
+    whose path is then a placeholder)."""
+    path = bundle.path if bundle.path is not None else Path("(bundle in memory)")
+    meta = bundle.metadata.get("model")
+    return Source(path, SourceKind.BUNDLE, bundle.tensors, path, meta if isinstance(meta, dict) else None, bundle,
+                  hf_files=dict(bundle.metadata.get("hf_files") or {}), integrity=bundle.integrity)
+
+
 # ----------------------------------------------------------------------------------------------- built-in readers
 
 
@@ -220,10 +257,7 @@ def _read_safetensors_file(path: Path, verify: bool = True) -> Source:
 def _source_of_file(file: SafetensorsFile, verify: bool) -> Source:
     path, metadata = file.path, file.metadata
     if metadata.get("format") == BUNDLE_FORMAT:
-        bundle = bundle_from_file(file, verify)
-        meta = bundle.metadata.get("model")
-        return Source(path, BUNDLE_FORMAT, bundle.tensors, path, meta if isinstance(meta, dict) else None, bundle,
-                      hf_files=dict(bundle.metadata.get("hf_files") or {}), integrity=bundle.integrity)
+        return bundle_source(bundle_from_file(file, verify))
     if verify:
         file.verify_metadata()
     if metadata.get("format") == CHECKPOINT_FORMAT or MODEL_METADATA_KEY in metadata:
@@ -237,21 +271,21 @@ def _source_of_file(file: SafetensorsFile, verify: bool) -> Source:
         if not isinstance(meta, dict):
             raise DsnnError(f"{path}: the 'model' metadata is not a JSON object", "re-save the checkpoint")
         tensors = decompress_state_dict(file.load(verify), metadata)
-        return Source(path, CHECKPOINT_FORMAT, tensors, path, meta, file_metadata=dict(metadata),
+        return Source(path, SourceKind.CHECKPOINT, tensors, path, meta, file_metadata=dict(metadata),
                       integrity=file.integrity)
     tensors = decompress_state_dict(file.load(verify), metadata)
-    return Source(path, "safetensors", tensors, path, file_metadata=dict(metadata), integrity=file.integrity)
+    return Source(path, SourceKind.SAFETENSORS, tensors, path, file_metadata=dict(metadata), integrity=file.integrity)
 
 
 def _read_torch(path: Path, verify: bool = True) -> Source:
     tensors, skipped, digest = read_torch_file(path)
-    return Source(path, "torch", tensors, path, skipped_entries=skipped, digest=digest)
+    return Source(path, SourceKind.TORCH, tensors, path, skipped_entries=skipped, digest=digest)
 
 
 def _read_hf(path: Path, verify: bool = True) -> Source:
     tensors, hashed, hf_files, digest = read_hf_dir(path, verify)
     meta = describe_directory(hf_files, list(tensors))
-    return Source(path, "hf-dir", tensors, hashed, meta, hf_files=hf_files, digest=digest)
+    return Source(path, SourceKind.HF_DIR, tensors, hashed, meta, hf_files=hf_files, digest=digest)
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -271,7 +305,8 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:] == b"{"
 
 
-register_reader(SourceReader("safetensors", _looks_like_safetensors, _read_safetensors_file), first=False)
-register_reader(SourceReader("torch", lambda p: p.is_file() and p.suffix in TORCH_SUFFIXES, _read_torch), first=False)
-register_reader(SourceReader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _read_hf),
+register_reader(SourceReader(SourceKind.SAFETENSORS, _looks_like_safetensors, _read_safetensors_file), first=False)
+register_reader(SourceReader(SourceKind.TORCH, lambda p: p.is_file() and p.suffix in TORCH_SUFFIXES, _read_torch),
+                first=False)
+register_reader(SourceReader(SourceKind.HF_DIR, lambda p: p.is_dir() and (p / "config.json").is_file(), _read_hf),
                 first=False)

@@ -20,7 +20,7 @@ from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from ..models.registry import new_adapter
 from ..models.structure import model_groups
-from ..sources.opener import open_source
+from ..sources.opener import SourceKind, open_source
 from .recipe import Recipe
 
 
@@ -63,7 +63,7 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
                         "point it at a bundle, a dsnn checkpoint or a Hugging Face model directory")
     opened = open_source(init, verify=verify)
     # the directory families' descriptions carry the recipe's normaliser; a dsnn checkpoint keeps its own
-    normalizer = recipe.model.normalizer if opened.kind == "hf-dir" else None
+    normalizer = recipe.model.normalizer if opened.kind == SourceKind.HF_DIR else None
     adapter = opened.adapter(normalizer, purpose="finetune", audio_ctx=recipe.model.audio_ctx)
     if opened.bundle is None:
         groups = _groups(adapter, recipe, levels)

@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from ..core.bundle import Bundle
 from ..core.finite import describe_nonfinite, nonfinite_tensors
-from ..core.kernels import SparseKernels, parse_kernels
 from ..core.levels import Levels, parse_level
-from ..core.sparsity import DynamicSparsity
 from ..data.batch import pad_batch
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
-from .opener import Source, open_source
-from .structured_runtime import StructuredViews, compact_adapter, views_supported
+from ..sources.opener import Source, SourceKind, open_source
+from .kernels import SparseKernels, parse_kernels
+from .sparsity import DynamicSparsity
+from .structured import StructuredViews, compact_adapter, views_supported
+from .switch import LevelSwitch
 
 
 @dataclass
@@ -28,9 +29,10 @@ class LoadedModel:
 
     adapter: ModelAdapter
     path: Path
-    kind: str
-    """``bundle`` or ``checkpoint``."""
-    sparsity: DynamicSparsity | StructuredViews | None = None
+    kind: Literal["bundle", "checkpoint"]
+    """What the report calls the model: ``bundle`` (it switches levels) or ``checkpoint`` (dense only)."""
+    sparsity: LevelSwitch | None = None
+    """The level switch of a bundle (:class:`DynamicSparsity` or :class:`StructuredViews`); None = dense only."""
     bundle: Bundle | None = None
     kernels: SparseKernels | None = None
     """Sparse kernels of the pruned layers (:meth:`use_kernels`); None = dense kernels."""
@@ -51,7 +53,7 @@ class LoadedModel:
         """The value of ``level``: a trained level or any level between dense and the largest (UsageError naming
         the range otherwise; a plain checkpoint serves only 0)."""
         if self.sparsity is not None:
-            return self.sparsity.resolve(level)
+            return self.sparsity.resolve_level(level)
         if parse_level(level) != 0.0:
             raise UsageError(f"{self.path} is a dense checkpoint with no level {level}",
                              "evaluate a DSNN bundle to get sparse levels")
@@ -150,7 +152,7 @@ def synthetic_probe(loaded: LoadedModel, seconds: float = 5.0) -> None:
 
 def runnable_model(source: Source, audio_ctx: int | None = None) -> LoadedModel:
     """The :class:`LoadedModel` of an opened source that describes a model (DsnnError otherwise)."""
-    if not source.runnable and source.kind not in ("dsnn-bundle", "dsnn-checkpoint"):
+    if not source.runnable and source.kind not in (SourceKind.BUNDLE, SourceKind.CHECKPOINT):
         raise DsnnError(f"{source.path} is not a .safetensors bundle or checkpoint, nor a model directory dsnn can run",
                         "pass a file written by dsnn prune / finetune / export --format checkpoint, or a supported "
                         "Hugging Face / faster-whisper model directory")
@@ -179,8 +181,3 @@ def check_finite_weights(model: torch.nn.Module, path: Path) -> None:
                         "would be meaningless",
                         "re-create it from a healthy checkpoint (a diverged fine-tune? lower the learning rate or "
                         "use an earlier result)")
-
-
-def load_checkpoint_adapter(path: str | Path) -> ModelAdapter:
-    """The adapter of a self-describing dsnn checkpoint, weights loaded (DsnnError for anything else)."""
-    return open_source(path, role="checkpoint").adapter()

@@ -8,7 +8,8 @@ Two switching designs were measured (``benchmarks/switching.py``, numbers in BEN
   level's mask. Gradients then flow to shared dense weights only through the weights alive at that level, which
   is what joint multi-level training needs, so training uses this one.
 
-Deployments switch rarely and run often, so the runtime switch is in-place.
+Deployments switch rarely and run often, so the runtime switch is in-place. :class:`DynamicSparsity` is one of
+the two :class:`~dsnn_compress.runtime.switch.LevelSwitch` implementations.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections.abc import Mapping
 
 import torch
 
+from ..core.bundle import Bundle
+from ..core.continuous import keep_masks
+from ..core.levels import LevelLookups
 from ..errors import DsnnError
-from .bundle import Bundle
-from .continuous import keep_masks
-from .levels import Levels
 
 
-class DynamicSparsity:
+class DynamicSparsity(LevelLookups):
     """A module bound to keep codes; ``set_level`` rewrites pruned parameters in place.
 
     Create with :func:`attach`. The module's current values are taken as the dense weights. Any level in
@@ -52,26 +53,9 @@ class DynamicSparsity:
         """Keep-masks of the active level when it lies between trained levels (None at a trained level)."""
 
     @property
-    def all_levels(self) -> tuple[float, ...]:
-        """Every trained level including the dense 0."""
-        return (0.0, *self.levels)
-
-    @property
     def level(self) -> float:
         """The active level (a trained level or a value between two of them)."""
         return self._level
-
-    def level_index(self, level: float | str) -> int:
-        """Index of the trained level ``level`` (0 = dense); UsageError for any other value."""
-        return Levels(self.levels).index(level, "this bundle")
-
-    def resolve(self, level: float | str) -> float:
-        """Any level in [0, largest trained level]; UsageError naming the range otherwise."""
-        return Levels(self.levels).resolve(level, "this bundle")
-
-    def is_trained(self, level: float | str) -> bool:
-        """True for the dense level and the trained levels, False for levels between them."""
-        return Levels(self.levels).is_trained(self.resolve(level))
 
     def _masks_at(self, value: float) -> dict[str, torch.Tensor] | None:
         if self.is_trained(value):
@@ -82,7 +66,7 @@ class DynamicSparsity:
     def set_level(self, level: float | str) -> None:
         """Switch the module to ``level`` (any value in [0, largest]): pruned weights become exactly zero, others
         take their dense values."""
-        value = self.resolve(level)
+        value = self.resolve_level(level)
         masks = self._masks_at(value)
         index = self.level_index(value) if masks is None else -1
         for name, param in self._params.items():
@@ -106,7 +90,7 @@ class DynamicSparsity:
 
     def state_dict_at(self, level: float | str) -> dict[str, torch.Tensor]:
         """The module's state dict at ``level`` (any value in [0, largest]) without changing the active level."""
-        value = self.resolve(level)
+        value = self.resolve_level(level)
         masks = self._masks_at(value)
         index = self.level_index(value) if masks is None else -1
         state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}

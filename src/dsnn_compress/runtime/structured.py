@@ -10,7 +10,7 @@ import torch
 from ..core.bundle import Bundle
 from ..core.group_format import StructuredLevels
 from ..core.groups import compact_tensors
-from ..core.levels import Levels
+from ..core.levels import LevelLookups, Levels
 from ..errors import DsnnError, UsageError
 from ..models.base import ModelAdapter
 from ..models.registry import load_tensors_strict
@@ -41,9 +41,10 @@ def compact_adapter(bundle: Bundle, adapter: ModelAdapter, level_index: int, fmt
     return small
 
 
-class StructuredViews:
+class StructuredViews(LevelLookups):
     """Level switching for a structured bundle by narrowing the live model to each set's prefix (views of the same
-    storage: no weight is copied or written). Same interface as :class:`~dsnn_compress.core.sparsity.DynamicSparsity`.
+    storage: no weight is copied or written); a :class:`~dsnn_compress.runtime.switch.LevelSwitch`, like
+    :class:`~dsnn_compress.runtime.sparsity.DynamicSparsity`, that serves the trained levels only.
     """
 
     def __init__(self, adapter: ModelAdapter, bundle: Bundle) -> None:
@@ -52,6 +53,7 @@ class StructuredViews:
         self.adapter = adapter
         self.module = adapter.model
         self.levels = bundle.levels
+        self.allocation = bundle.allocation
         self.structured: StructuredLevels = bundle.structured
         self._family = family_of(adapter)
         self._kept = [self.structured.kept(k) for k in range(len(bundle.levels) + 1)]
@@ -59,27 +61,14 @@ class StructuredViews:
         self._index = 0
 
     @property
-    def all_levels(self) -> tuple[float, ...]:
-        """Every level including the dense 0."""
-        return (0.0, *self.levels)
-
-    @property
     def level(self) -> float:
         """The active level."""
         return self.all_levels[self._index]
 
-    def level_index(self, level: float | str) -> int:
-        """Index of ``level`` (0 = dense)."""
-        return Levels(self.levels).index(level, "this bundle")
-
-    def resolve(self, level: float | str) -> float:
-        """The value of a trained level (structured levels run as prefix views: only the trained ones are served)."""
+    def resolve_level(self, level: float | str) -> float:
+        """The value of a trained level (structured levels run as prefix views: only the trained ones are served, so
+        :meth:`is_trained` is True for every level this accepts)."""
         return self.all_levels[self.level_index(level)]
-
-    def is_trained(self, level: float | str) -> bool:
-        """Always True once :meth:`resolve` accepted ``level``."""
-        self.resolve(level)
-        return True
 
     def kept(self, level: float | str) -> Mapping[str, int]:
         """Groups per set run at ``level``."""

@@ -1,4 +1,6 @@
-"""Terminal display of a training run: a rich progress bar, dev WER tables, plain lines when not a terminal."""
+"""Terminal display of a training run (``finetune``, ``demo``): a rich progress bar, dev WER tables, plain lines when
+not a terminal. A presenter of the command line: it receives the trainer's events (``report``) and writes to the
+:mod:`.console`; the trainer itself prints nothing."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..console import err
-from ..core.levels import Levels
+from .console import err
+from .core.levels import Levels
 
 
 def _rate(steps_per_s: float) -> str:

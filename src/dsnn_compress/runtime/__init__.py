@@ -1,0 +1,1 @@
+"""runtime: running a model's levels (level switches, sparse kernels, the runnable ``LoadedModel``)."""
