@@ -8,6 +8,10 @@ outputs (``distillation.teacher``, ``docs/recipes.md``):
   run). A CTC student has no use for pseudo-labels: without transcripts it learns from the teacher's posteriors only;
 * **posteriors**: the teacher's per-position log-probabilities on the same batch (Whisper: teacher-forced on the
   same target tokens; CTC: per frame), which the student's levels match with ``T^2 * KL(teacher || level)``.
+
+The teacher runs as the original model runs: at its own encoder context. A Whisper student trained with a shorter
+``model.audio_ctx`` thus learns to decode, from its shorter window, what the full-context model decodes (the
+posteriors are per decoder token, so the two windows compare position by position).
 """
 
 from __future__ import annotations
@@ -28,14 +32,13 @@ LABEL_SOURCES = ("auto", "transcripts", "teacher")
 class Teacher:
     """A frozen copy of the original model that labels batches and scores them."""
 
-    def __init__(self, path: Path, student: ModelAdapter, device: torch.device, audio_ctx: int | None = None,
-                 verify: bool = True) -> None:
+    def __init__(self, path: Path, student: ModelAdapter, device: torch.device, verify: bool = True) -> None:
         source = open_source(path, role="teacher", verify=verify)
         if source.model_meta is None:
             raise DsnnError(f"distillation.teacher {path} carries no model description, so it cannot be run",
                             "give the original model (a model directory, a dsnn checkpoint or a bundle: its dense "
                             "level)")
-        self.adapter = source.adapter(audio_ctx=audio_ctx if "audio_ctx" in (source.model_meta or {}) else None)
+        self.adapter = source.adapter()  # at its own encoder context, whatever the student's
         if self.adapter.family != student.family:
             raise UsageError(f"the teacher is a {self.adapter.family} model but the student a {student.family} one",
                              "give the model the bundle was pruned from as the teacher")

@@ -193,8 +193,7 @@ class Finetuner:
         self.teacher_checked = False
         if distill.teacher is None:
             return
-        self.teacher = Teacher(Path(distill.teacher), self.model_setup.adapter, self.device,
-                               self.recipe.model.audio_ctx, self.verify)
+        self.teacher = Teacher(Path(distill.teacher), self.model_setup.adapter, self.device, self.verify)
         self.labels_from_teacher = distill.labels == "teacher" or (distill.labels == "auto"
                                                                    and not self.data.transcribed)
         if self.labels_from_teacher and not self.teacher.seq2seq:
