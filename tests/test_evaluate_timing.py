@@ -267,3 +267,7 @@ def test_cli_repeats_option(tiny_model, tmp_path, capsys, monkeypatch):
     assert "vs dense" in out and "median of 2 interleaved timing passes" in " ".join(out.split())
     assert_usage_error(run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--repeats", "0"),
                        "--repeats must be at least 1")
+    code, _, err = run_cli(capsys, "evaluate", tiny_model.bundle, "--data", manifest, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    default = json.loads((tmp_path / "r.json").read_text())["timing"]["repeats"]
+    assert default == evaluate_module.DEFAULT_REPEATS == EvaluateOptions().repeats == 5

@@ -211,7 +211,7 @@ def evaluate(
                                                            "smaller model (RTFx of what export writes).")] = False,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing passes over the levels, interleaved (the first "
                                                            "also scores): RTFx is their median, with the range.")
-                       ] = 3,
+                       ] = 5,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import StagedOutputs, check_report_path

@@ -37,9 +37,9 @@ SERVED_LEVELS = (0.5, 0.7)
 """Sparse levels of the shipped bundle that the model can serve (BENCHMARKS.md, quality study at 600 steps)."""
 DEFAULT_LEVELS = (0.5, 0.7, 0.9)
 DEFAULT_STEPS = 40
-SPEED_REPEATS = 3
-"""Interleaved timing passes of the shipped bundle's evaluation: its RTFx is shown with the range, and a level is
-said to differ in speed from dense only where the ranges do not overlap."""
+SPEED_REPEATS = 5
+"""Interleaved timing passes of the shipped bundle's evaluation (``dsnn evaluate``'s default): its RTFx is shown
+with the range, and a level is said to differ in speed from dense only where the ranges do not overlap."""
 SHIPPED_BUNDLE = "dsnn.safetensors"
 
 LIVE_RECIPE: dict[str, Any] = {

@@ -182,7 +182,7 @@ def timing_note(report: EvaluationReport) -> str | None:
     if report.timing is None:
         return None
     if not _ranged(report):
-        return "RTFx: one timing pass, so no range and no speed comparison (--repeats 3 gives both)"
+        return "RTFx: one timing pass, so no range and no speed comparison (--repeats 2 or more gives both)"
     text = (f"RTFx: median of {report.timing.repeats} interleaved timing passes (slowest-fastest pass) over "
             f"{report.timing.timed_utterances} utterances")
     if compares_speed(report):
