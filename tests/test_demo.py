@@ -4,6 +4,7 @@ DSNN bundle checked against the embedded dense model it was trained from."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pyt
         assert (row["rtfx"], row["rtfx_range"]) == (entry["rtfx"], entry["rtfx_range"])
         assert row["rtfx_range"][0] <= row["rtfx"] <= row["rtfx_range"][1]
     assert "Live fine-tune: the shipped bundle, 2 more steps" in (out / "report.md").read_text()
+    # report.md shows speed only where it was timed with a spread: the shipped bundle's section
+    oneshot_md, shipped_md, live_md = re.split(r"^## ", (out / "report.md").read_text(), flags=re.M)[1:]
+    assert "RTFx" not in oneshot_md and "RTFx" not in live_md
+    assert "| RTFx (range) | vs dense |" in shipped_md and "median of 5 interleaved timing passes" in shipped_md
 
 
 def test_demo_table_labels_the_levels_it_cannot_serve(tiny_assets: Path, tmp_path: Path,

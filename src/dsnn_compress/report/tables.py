@@ -177,13 +177,13 @@ def versus_dense_text(report: EvaluationReport, entry: LevelResult) -> str:
     return f"{comparison.ratio:.2f}x" if comparison.distinct else "same"
 
 
-def timing_note(report: EvaluationReport) -> str | None:
-    """One line on how RTFx was measured (None for reports written before repeated timing)."""
+def timing_note(report: EvaluationReport, subject: str = "RTFx") -> str | None:
+    """One line on how RTFx (of ``subject``) was measured (None for reports written before repeated timing)."""
     if report.timing is None:
         return None
     if not _ranged(report):
-        return "RTFx: one timing pass, so no range and no speed comparison (--repeats 2 or more gives both)"
-    text = (f"RTFx: median of {report.timing.repeats} interleaved timing passes (slowest-fastest pass) over "
+        return f"{subject}: one timing pass, so no range and no speed comparison (--repeats 2 or more gives both)"
+    text = (f"{subject}: median of {report.timing.repeats} interleaved timing passes (slowest-fastest pass) over "
             f"{report.timing.timed_utterances} utterances")
     if compares_speed(report):
         text += "; vs dense: 'same' where the ranges overlap (the difference may be noise), else the ratio"
@@ -243,30 +243,30 @@ def _bounded(report: EvaluationReport) -> bool:
     return report.decoding != "greedy-ctc"
 
 
-def evaluation_markdown(report: EvaluationReport) -> str:
-    """The evaluation report as a Markdown section (for CI summaries)."""
-    versus = compares_speed(report)
-    rtfx_head = "RTFx (range)" if _ranged(report) else "RTFx"
+def evaluation_markdown(report: EvaluationReport, speed: bool = True) -> str:
+    """The evaluation report as a Markdown section (for CI summaries); ``speed=False`` leaves RTFx out."""
+    versus = speed and compares_speed(report)
+    speed_head = (" RTFx (range) |" if _ranged(report) else " RTFx |") if speed else ""
     lines = [
         f"### WER per sparsity level: `{report.model.path}`",
         "",
         f"Data: `{report.data.path}`; normaliser: `{report.normalizer}`; decoding: {report.decoding}; "
         f"threads: {report.threads}.",
         "",
-        f"| level | WER % | CER % | sub | del | ins | nonzero params | {rtfx_head} |{' vs dense |' if versus else ''}"
+        f"| level | WER % | CER % | sub | del | ins | nonzero params |{speed_head}{' vs dense |' if versus else ''}"
         " scored | skipped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if versus else "") + "---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if speed else "") + ("---:|" if versus else "") + "---:|---:|",
     ]
     for e in report.levels:
         w = e.words
         label = evaluated_level_label(e).replace("*", "\\*")
-        versus_cell = f" {versus_dense_text(report, e)} |" if versus else ""
+        speed_cells = (f" {rtfx_text(report, e)} |" if speed else "") + (
+            f" {versus_dense_text(report, e)} |" if versus else "")
         lines.append(
             f"| {label} | {100 * e.wer:.2f} | {100 * e.cer:.2f} | {w.substitutions} | {w.deletions} | "
-            f"{w.insertions} | {e.nonzero_params:,} | {rtfx_text(report, e)} |{versus_cell} {e.utterances_scored} | "
-            f"{e.utterances_skipped} |"
+            f"{w.insertions} | {e.nonzero_params:,} |{speed_cells} {e.utterances_scored} | {e.utterances_skipped} |"
         )
-    note = timing_note(report)
+    note = timing_note(report) if speed else None
     if note:
         lines += ["", note + "."]
     if _sparse_kernels(report):
@@ -316,10 +316,10 @@ def demo_tables(rows: Sequence[DemoRow], shipped: EvaluationReport, files: dict[
     A row whose ``servable`` is false is labelled "not servable"; ``notes`` become the table's caption lines.
     """
     versus = compares_speed(shipped)
-    note = timing_note(shipped)
+    note = timing_note(shipped, "RTFx of the shipped bundle")
     table = Table(title=f"WER % per level on {shipped.data.utterances} embedded test utterances (speakers unseen in "
-                        "training)", title_justify="left",
-                  caption="\n".join([*notes, *([f"{note} (shipped bundle)"] if note else [])]), caption_justify="left")
+                        "training)", title_justify="left", caption="\n".join([*notes, *([note] if note else [])]),
+                  caption_justify="left")
     for column in ("level", "one-shot", "shipped bundle", "CER % shipped", live_column, "nonzero params", "RTFx",
                    *(("vs dense",) if versus else ())):
         table.add_column(column, justify="left" if column == "level" else "right")
@@ -337,5 +337,7 @@ def demo_tables(rows: Sequence[DemoRow], shipped: EvaluationReport, files: dict[
 
 
 def demo_markdown(sections: Sequence[tuple[str, EvaluationReport]]) -> str:
-    """The demo's reports as Markdown: one ``## title`` section with the evaluation table per report."""
-    return "\n".join(f"## {title}\n\n{evaluation_markdown(report)}" for title, report in sections)
+    """The demo's reports as Markdown: one ``## title`` section with the evaluation table per report; RTFx only
+    for the reports timed in several passes (one pass gives a figure with no spread, which misleads)."""
+    return "\n".join(f"## {title}\n\n{evaluation_markdown(report, speed=_ranged(report))}"
+                     for title, report in sections)
