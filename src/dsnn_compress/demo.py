@@ -10,7 +10,8 @@ the default recipe (``recipes/dsnn-conformer.yaml``, 600 steps on the full tts-e
    a low learning rate, distillation from the dense level and only the servable levels trained, so that dense stays
    better than the embedded model (``LIVE_RECIPE``; measured in README.md: within 3 words of the shipped bundle; a
    live fine-tune of the one-shot bundle on 120 utterances made dense worse at every setting measured),
-3. evaluates one-shot pruning, the shipped bundle and the live fine-tune on the 50 embedded test utterances,
+3. evaluates one-shot pruning, the shipped bundle and the live fine-tune on the 50 embedded test utterances
+   (the shipped bundle's speed in :data:`SPEED_REPEATS` interleaved timing passes, the only speed it shows),
 4. exports the shipped bundle's servable levels as self-describing checkpoints.
 
 Which levels are servable comes from the quality study (BENCHMARKS.md): at the shipped budget 0.5 and 0.7 work,
