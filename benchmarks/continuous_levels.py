@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 
 
 def subset_manifest(data: Path, limit: int | None, tmp: Path) -> tuple[Path, int]:
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             if done == total or done % 50 == 0:
                 print(f"{stage}: {done}/{total}", file=sys.stderr)
 
-        report = evaluate(args.bundle, manifest, levels, on_progress=progress)
-    rows = report["levels"]
+        report = evaluate(args.bundle, manifest, EvaluateOptions(levels=levels, repeats=1), on_progress=progress)
+    rows = [entry.to_dict() for entry in report.levels]
     table = Table(title=f"{args.bundle.name}: WER per level on {count} utterances of {args.data} "
                         "(* = continuous level, not trained)", title_justify="left")
     for column in ("level", "WER %", "CER %", "nonzero params"):

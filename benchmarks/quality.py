@@ -35,13 +35,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.report.plot import plot_wer
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import finetune
 
 VARIANTS = ("a", "b", "c", "d", "e1", "e2", "f")
+WER_ONLY = EvaluateOptions(repeats=1)
+"""The study compares WER: one timing pass is enough."""
 LABELS = {
     "a": "(a) one-shot, no fine-tuning",
     "b": "(b) single-sparsity, one model per level",
@@ -94,14 +96,14 @@ def run_single_level(level: float, args: argparse.Namespace, work: Path) -> dict
     output = work / f"ft-{level:g}.safetensors"
     if level == 0.0:
         passes = finetune(_recipe(args, args.baseline, output, levels=[]), force=True, report=_progress).forward_passes
-        entry = evaluate(output, args.test)["levels"][0]
+        entry = evaluate(output, args.test, WER_ONLY).levels[0]
     else:
         pruned = work / f"pruned-{level:g}.safetensors"
         prune_checkpoint(args.baseline, pruned, PruneOptions([level]))
         recipe = _recipe(args, pruned, output, sampling={"mode": "all", "loss_weights": [0.0, 1.0]})
         passes = finetune(recipe, force=True, report=_progress).forward_passes
-        entry = evaluate(output, args.test)["levels"][-1]
-    single = {"level": entry["level"], "wer": entry["wer"], "cer": entry["cer"], "passes": passes,
+        entry = evaluate(output, args.test, WER_ONLY).levels[-1]
+    single = {"level": entry.level, "wer": entry.wer, "cer": entry.cer, "passes": passes,
               "seconds": round(time.perf_counter() - started, 1)}
     cache.write_text(json.dumps(single, indent=2) + "\n", encoding="utf-8")
     console.print(f"  (b) at {level:g}: WER {100 * single['wer']:.2f} % (CER {100 * single['cer']:.1f} %)")
@@ -144,14 +146,14 @@ def run_variant(name: str, args: argparse.Namespace, levels: list[float]) -> dic
         model = work / "dsnn.safetensors"
         result = finetune(_recipe(args, bundle, model, **extra), force=True, report=_progress)
         passes = result.forward_passes
-    entries = evaluate(model, args.test)["levels"]
+    entries = evaluate(model, args.test, WER_ONLY).levels
     return {
         "variant": name,
         "label": LABELS[name],
         "steps": 0 if name == "a" else args.steps,
         "seconds": round(time.perf_counter() - started, 1),
         "forward_backward_passes": passes,
-        "levels": [{"level": e["level"], "wer": e["wer"], "cer": e["cer"]} for e in entries],
+        "levels": [{"level": e.level, "wer": e.wer, "cer": e.cer} for e in entries],
     }
 
 
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in verdict:
         console.print(line)
     (args.out / "summary.md").write_text("\n".join(markdown + [""] + [f"- {v}" for v in verdict]) + "\n")
-    curves = [(results[k]["label"], {"levels": results[k]["levels"]}) for k in VARIANTS if k in results]
+    curves = [(results[k]["label"], [(e["level"], e["wer"]) for e in results[k]["levels"]]) for k in VARIANTS
+              if k in results]
     if curves:
         plot_wer(curves, args.out / "quality.png", title=f"WER vs sparsity, K = {args.steps} steps")
     return 0

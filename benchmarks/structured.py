@@ -36,7 +36,7 @@ from dsnn_compress.core.bundle import load_bundle  # noqa: E402
 from dsnn_compress.data.audio import load_audio  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
-from dsnn_compress.evaluation.evaluate import evaluate  # noqa: E402
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate  # noqa: E402
 from dsnn_compress.export.formats import export_level  # noqa: E402
 from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
 from dsnn_compress.runtime.runnable import load_model  # noqa: E402
@@ -149,10 +149,10 @@ def main() -> None:
 
     wer = {}
     for granularity, path in bundles.items():
-        report = evaluate(path, test, compact=granularity == "structured")
-        for entry in report["levels"]:
-            key = "dense" if entry["level"] == 0.0 else f"{granularity}-{entry['level']:g}"
-            wer[key] = entry["wer"]
+        report = evaluate(path, test, EvaluateOptions(compact=granularity == "structured", repeats=1))  # WER only
+        for entry in report.levels:
+            key = "dense" if entry.level == 0.0 else f"{granularity}-{entry.level:g}"
+            wer[key] = entry.wer
 
     results = []
     dense = runs["dense"]

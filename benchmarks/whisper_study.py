@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
+from dsnn_compress.evaluation.results import EvaluationReport
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.training.recipe import recipe_from_dict
 from dsnn_compress.training.trainer import finetune
@@ -62,18 +63,18 @@ def cached(out: Path, name: str, run: Any) -> Any:
     return result
 
 
-def levels_of(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"level": e["level"], "wer": e["wer"], "cer": e["cer"], "capped": e["decodes_capped"],
-             "rtfx": e["rtfx"], "nonzero": e["nonzero_params"]} for e in report["levels"]]
+def levels_of(report: EvaluationReport) -> list[dict[str, Any]]:
+    return [{"level": e.level, "wer": e.wer, "cer": e.cer, "capped": e.decodes_capped,
+             "rtfx": e.rtfx, "nonzero": e.nonzero_params} for e in report.levels]
 
 
 def run_eval(model: Path, args: argparse.Namespace, levels: str = "all", normalizer: str | None = None,
              audio_ctx: int | None = -1, data: Path | None = None) -> dict[str, Any]:
     ctx = args.audio_ctx if audio_ctx == -1 else audio_ctx
-    report = evaluate(model, data or args.test, levels, normalizer=normalizer, audio_ctx=ctx,
-                      batch_frames=args.eval_frames)
-    return {"levels": levels_of(report), "normalizer": report["normalizer"], "audio_ctx": ctx,
-            "utterances": report["levels"][0]["utterances_scored"]}
+    report = evaluate(model, data or args.test, EvaluateOptions(levels=levels, normalizer=normalizer, audio_ctx=ctx,
+                                                                batch_frames=args.eval_frames, repeats=1))
+    return {"levels": levels_of(report), "normalizer": report.normalizer, "audio_ctx": ctx,
+            "utterances": report.levels[0].utterances_scored}
 
 
 def recipe(args: argparse.Namespace, init: Path, output: Path, levels: list[float], single: bool = False) -> Any:

@@ -39,6 +39,10 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 """Stage -> the stages and top-level modules it must not import (never a utility: everybody may import those)."""
 
+RESULT_RECORDS = ("evaluation.results", "evaluation.scoring")
+"""The typed results of an evaluation (plain records, no model is run): ``report`` formats them, so it may import
+these modules of ``evaluation`` and no other."""
+
 THIRD_PARTY_PRIVATE = {"_register_state_dict_hook", "_register_load_state_dict_pre_hook",
                        "_get_feat_extract_output_lengths"}
 """Private methods of torch / transformers objects that the code calls on purpose (no public equivalent)."""
@@ -95,9 +99,21 @@ def test_no_stage_imports_above_itself(stage: str) -> None:
         if stage_of(name) != stage:
             continue
         for target in imported(name, path):
+            if stage == "report" and any(target == r or target.startswith(r + ".") for r in RESULT_RECORDS):
+                continue
             if stage_of(target) in FORBIDDEN[stage]:
                 bad.append(f"{name} imports {target}")
     assert not bad, "forbidden imports:\n" + "\n".join(sorted(bad))
+
+
+def test_the_result_records_run_nothing() -> None:
+    """What ``report`` may import of ``evaluation`` stays records: they import core, errors and each other only."""
+    found = {name: imported(name, path) for name, path in modules().items() if name in RESULT_RECORDS}
+    assert sorted(found) == sorted(RESULT_RECORDS)
+    allowed = ("core", "errors", *RESULT_RECORDS)
+    bad = [f"{name} imports {target}" for name, targets in found.items() for target in targets
+           if not any(target == a or target.startswith(a + ".") for a in allowed)]
+    assert not bad, bad
 
 
 def test_utilities_are_importable_by_every_stage() -> None:

@@ -14,7 +14,8 @@ from helpers import DEFAULT_PRUNED, assert_one_error_line, oracle_codes, random_
 from dsnn_compress.core.bundle import Bundle, load_bundle, save_bundle
 from dsnn_compress.core.masks import compute_codes
 from dsnn_compress.errors import UsageError
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
+from dsnn_compress.evaluation.results import EvaluationReport
 from dsnn_compress.report.tables import evaluation_markdown
 from dsnn_compress.runtime.sparsity import DynamicSparsity
 
@@ -156,6 +157,7 @@ def test_evaluate_marks_untrained_levels(tiny_model, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert [(e["level"], e["trained"]) for e in report["levels"]] == [(0.0, True), (0.7, False), (0.9, True)]
+    assert set(report["continuous_levels"]) == {"score", "allocation"}
     assert "dense magnitude" in report["continuous_levels"]["score"]
     assert "0.7*" in stdout and "continuous level" in stdout
     text = markdown.read_text()
@@ -163,18 +165,18 @@ def test_evaluate_marks_untrained_levels(tiny_model, tmp_path, capsys):
     # the 0.7 entry is the model at state_dict_at(0.7): its nonzero count lies between the trained neighbours'
     counts = [e["nonzero_params"] for e in report["levels"]]
     assert counts[0] > counts[1] > counts[2]
-    assert evaluation_markdown(report) == text
+    assert evaluation_markdown(EvaluationReport.from_dict(report)) == text
 
 
 def test_evaluate_level_between_trained_levels_scores_the_interpolated_model(tiny_model):
     manifest = audio_files()[0].parent.parent / "manifest.jsonl"
-    report = evaluate(tiny_model.bundle, manifest, "0.7", details=True)
+    report = evaluate(tiny_model.bundle, manifest, EvaluateOptions(levels="0.7", details=True, repeats=1))
     adapter = adapter_at(tiny_model.bundle, 0.7)  # rebuilt independently from Bundle.state_dict_at(0.7)
     bundle = load_bundle(tiny_model.bundle)
     pruned = sum(int((~m).sum()) for m in bundle.masks_at(0.7).values())
     total = sum(p.numel() for p in adapter.model.parameters())
-    assert report["levels"][0]["nonzero_params"] == total - pruned
-    assert report["levels"][0]["trained"] is False
+    assert report.levels[0].nonzero_params == total - pruned
+    assert report.levels[0].trained is False
 
 
 def test_transcribe_at_an_untrained_level(tiny_model, capsys):

@@ -4,6 +4,7 @@ DSNN bundle checked against the embedded dense model it was trained from."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from dsnn_compress import demo as demo_module
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.data.text import CharTokenizer, normalize_text
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 from dsnn_compress.models.registry import new_adapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.sources.checkpoint import save_checkpoint
@@ -74,12 +75,13 @@ def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pyt
     # the columns are what evaluate measures on the same 4 utterances (independent runs of the library)
     subset = out / "eval-subset" / "eval.jsonl"
     assert len(subset.read_text().splitlines()) == 4
-    shipped = evaluate(tiny_assets / demo_module.SHIPPED_BUNDLE, subset)
-    oneshot = evaluate(out / "pruned.safetensors", subset)
-    live = evaluate(out / "live.safetensors", subset, levels=[0.0, 0.5, 0.7])
-    assert [row["wer_shipped"] for row in rows] == [e["wer"] for e in shipped["levels"]]
-    assert [row["wer_oneshot"] for row in rows] == [e["wer"] for e in oneshot["levels"]]
-    assert [row["wer_live"] for row in rows] == [e["wer"] for e in live["levels"]] + [None]
+    once = EvaluateOptions(repeats=1)
+    shipped = evaluate(tiny_assets / demo_module.SHIPPED_BUNDLE, subset, once)
+    oneshot = evaluate(out / "pruned.safetensors", subset, once)
+    live = evaluate(out / "live.safetensors", subset, EvaluateOptions(levels=[0.0, 0.5, 0.7], repeats=1))
+    assert [row["wer_shipped"] for row in rows] == [e.wer for e in shipped.levels]
+    assert [row["wer_oneshot"] for row in rows] == [e.wer for e in oneshot.levels]
+    assert [row["wer_live"] for row in rows] == [e.wer for e in live.levels] + [None]
     # the live fine-tune continued the shipped bundle with the demo's recipe: the servable levels only (0.9 has
     # loss weight 0), distillation on
     with safe_open(str(out / "live.safetensors"), framework="pt") as handle:
@@ -95,7 +97,16 @@ def test_demo_runs_the_whole_flow(tiny_assets: Path, tmp_path: Path, capsys: pyt
     report = json.loads((out / "report.json").read_text())
     assert sorted(report) == ["live", "oneshot", "shipped"]
     assert report["live"]["levels"][0]["utterances_scored"] == 4
+    # only the shipped bundle's speed is shown, so only it is timed in several interleaved passes, with a range
+    assert [report[k]["timing"]["repeats"] for k in ("oneshot", "shipped", "live")] == [1, demo_module.SPEED_REPEATS, 1]
+    for row, entry in zip(rows, report["shipped"]["levels"], strict=True):
+        assert (row["rtfx"], row["rtfx_range"]) == (entry["rtfx"], entry["rtfx_range"])
+        assert row["rtfx_range"][0] <= row["rtfx"] <= row["rtfx_range"][1]
     assert "Live fine-tune: the shipped bundle, 2 more steps" in (out / "report.md").read_text()
+    # report.md shows speed only where it was timed with a spread: the shipped bundle's section
+    oneshot_md, shipped_md, live_md = re.split(r"^## ", (out / "report.md").read_text(), flags=re.M)[1:]
+    assert "RTFx" not in oneshot_md and "RTFx" not in live_md
+    assert "| RTFx (range) | vs dense |" in shipped_md and "median of 5 interleaved timing passes" in shipped_md
 
 
 def test_demo_table_labels_the_levels_it_cannot_serve(tiny_assets: Path, tmp_path: Path,
@@ -108,6 +119,10 @@ def test_demo_table_labels_the_levels_it_cannot_serve(tiny_assets: Path, tmp_pat
     row_07 = next(line for line in lines if line.split()[:1] == ["0.7"])
     assert "not servable" not in row_07 and "not trained" not in row_07
     assert "Served levels: dense, 0.5, 0.7" in stdout and "an illustration" in stdout
+    # the speed column: median and range of 3 passes, and "vs dense" ("same" unless the ranges are disjoint)
+    assert "vs dense" in stdout
+    assert f"median of {demo_module.SPEED_REPEATS} interleaved timing passes" in " ".join(stdout.split())
+    assert row_07.split()[-1] == "same" or row_07.split()[-1].endswith("x")
 
 
 def test_demo_refuses_levels_the_shipped_bundle_lacks(tiny_assets: Path, tmp_path: Path,
@@ -155,6 +170,7 @@ def test_the_shipped_bundle_is_the_trained_dsnn_model_of_the_embedded_one(tmp_pa
     subset.write_text("\n".join((REAL_ASSETS / "eval.jsonl").read_text().splitlines()[:8]) + "\n")
     (tmp_path / "eval").symlink_to(REAL_ASSETS / "eval", target_is_directory=True)
     prune_checkpoint(REAL_ASSETS / "model.safetensors", tmp_path / "oneshot.safetensors", PruneOptions([0.7]))
-    oneshot = evaluate(tmp_path / "oneshot.safetensors", subset, levels=[0.7])["levels"][0]["wer"]
-    trained = evaluate(REAL_ASSETS / demo_module.SHIPPED_BUNDLE, subset, levels=[0.7])["levels"][0]["wer"]
+    at_07 = EvaluateOptions(levels=[0.7], repeats=1)
+    oneshot = evaluate(tmp_path / "oneshot.safetensors", subset, at_07).levels[0].wer
+    trained = evaluate(REAL_ASSETS / demo_module.SHIPPED_BUNDLE, subset, at_07).levels[0].wer
     assert trained < 0.75 * oneshot, (trained, oneshot)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dsnn_compress.cli import main
 from dsnn_compress.core.bundle import load_bundle
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 from dsnn_compress.export.formats import export_level, export_levels, level_output_path
 from dsnn_compress.models.registry import adapter_from_metadata, new_adapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
@@ -53,10 +53,11 @@ def test_checkpoint_export_loads_with_pruned_weights_zero(bundle_path: Path, tmp
     with safe_open(str(out), framework="pt") as handle:
         assert handle.metadata()["dsnn_level"] == "0.9"
     # the exported dense checkpoint of level 0.9 scores exactly like the bundle at 0.9
-    from_bundle = evaluate(bundle_path, DATA / "manifest.jsonl", levels="0.9", details=True)
-    from_export = evaluate(out, DATA / "manifest.jsonl", details=True)
-    assert [u["hypotheses"]["0.9"] for u in from_bundle["utterances"]] == [
-        u["hypotheses"]["0"] for u in from_export["utterances"]]
+    from_bundle = evaluate(bundle_path, DATA / "manifest.jsonl", EvaluateOptions(levels="0.9", details=True,
+                                                                                  repeats=1))
+    from_export = evaluate(out, DATA / "manifest.jsonl", EvaluateOptions(details=True, repeats=1))
+    assert [u.hypotheses["0.9"] for u in from_bundle.utterances] == [
+        u.hypotheses["0"] for u in from_export.utterances]
 
 
 def test_level_all_writes_one_file_per_level(bundle_path: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.batch import pad_batch
 from dsnn_compress.errors import UsageError
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 from dsnn_compress.evaluation.transcribe import transcribe
 from dsnn_compress.models.registry import new_adapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
@@ -208,23 +208,23 @@ def test_model_state_is_unchanged_by_sparse_kernels(tiny_model):
 
 def test_evaluate_reports_sparse_layers_and_the_same_scores(tiny_model, tmp_path):
     manifest = copy_manifest(tmp_path, keep=4)
-    dense = evaluate(tiny_model.bundle, manifest)
+    dense = evaluate(tiny_model.bundle, manifest, EvaluateOptions(repeats=1))
     for mode in ("sparse", "auto"):
-        report = evaluate(tiny_model.bundle, manifest, kernels=mode)
-        assert report["kernels"]["mode"] == mode
-        total = report["kernels"]["layers_with_sparse_path"]
-        for got, ref in zip(report["levels"], dense["levels"], strict=True):
-            assert (got["level"], got["wer"], got["cer"]) == (ref["level"], ref["wer"], ref["cer"])
-            count = got["kernels"]["sparse_layers"]
-            assert count == len(got["kernels"]["layers"])
-            if got["level"] == 0.0:
+        report = evaluate(tiny_model.bundle, manifest, EvaluateOptions(kernels=mode, repeats=1))
+        assert report.kernels.mode == mode
+        total = report.kernels.layers_with_sparse_path
+        for got, ref in zip(report.levels, dense.levels, strict=True):
+            assert (got.level, got.wer, got.cer) == (ref.level, ref.wer, ref.cer)
+            count = got.kernels.sparse_layers
+            assert count == len(got.kernels.layers)
+            if got.level == 0.0:
                 assert count == 0
             elif mode == "sparse":
                 assert count == total
             else:
                 assert 0 <= count <= total
-    assert dense["kernels"] == {"mode": "dense"}
-    assert all(e["kernels"]["sparse_layers"] == 0 for e in dense["levels"])
+    assert dense.to_dict()["kernels"] == {"mode": "dense"}
+    assert all(e.kernels.sparse_layers == 0 for e in dense.levels)
 
 
 def test_evaluate_cli_shows_the_sparse_layer_column(tiny_model, tmp_path, capsys):
@@ -277,9 +277,11 @@ def test_sparse_on_the_lstm_family_says_it_has_no_sparse_path(lstm_bundle, tmp_p
     assert_usage_error(result, "no pruned layer of this lstm-ctc model has a sparse path", "LSTM", "--kernels dense")
     result = run_cli(capsys, "evaluate", lstm_bundle, "--data", copy_manifest(tmp_path), "--kernels", "sparse")
     assert_usage_error(result, "no pruned layer of this lstm-ctc model has a sparse path")
-    report = evaluate(lstm_bundle, copy_manifest(tmp_path, keep=2), kernels="auto")  # auto: all dense, no error
-    assert report["kernels"] == {"mode": "auto", "layers_with_sparse_path": 0, "without_sparse_path": {"LSTM": 1}}
-    assert all(e["kernels"]["sparse_layers"] == 0 for e in report["levels"])
+    # auto: all dense, no error
+    report = evaluate(lstm_bundle, copy_manifest(tmp_path, keep=2), EvaluateOptions(kernels="auto", repeats=1))
+    assert report.to_dict()["kernels"] == {"mode": "auto", "layers_with_sparse_path": 0,
+                                           "without_sparse_path": {"LSTM": 1}}
+    assert all(e.kernels.sparse_layers == 0 for e in report.levels)
 
 
 def test_sparse_on_a_dense_checkpoint_is_a_usage_error(tiny_model, capsys):

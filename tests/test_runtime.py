@@ -17,7 +17,7 @@ from asr_fixtures import TinyModel
 
 from dsnn_compress.core.bundle import Bundle, load_bundle
 from dsnn_compress.errors import UsageError
-from dsnn_compress.prune import prune_checkpoint
+from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.runtime.runnable import LoadedModel, load_model
 from dsnn_compress.runtime.sparsity import DynamicSparsity
 from dsnn_compress.runtime.structured import StructuredViews, compact_adapter
@@ -31,7 +31,7 @@ SWITCHES = {"weight": DynamicSparsity, "structured": StructuredViews}
 @pytest.fixture(scope="module")
 def structured_bundle(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runtime") / "structured.safetensors"
-    prune_checkpoint(tiny_model.checkpoint, (0.5, 0.9), out, granularity="structured")
+    prune_checkpoint(tiny_model.checkpoint, out, PruneOptions((0.5, 0.9), granularity="structured"))
     return out
 
 

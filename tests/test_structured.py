@@ -199,14 +199,14 @@ def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kerne
 
 
 def test_compact_evaluation_reports_the_smaller_model(structured: Path) -> None:
-    from dsnn_compress.evaluation.evaluate import evaluate
+    from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 
     data = Path(__file__).parent / "data" / "manifest.jsonl"
-    masked = evaluate(structured, data, levels="0,0.7", details=True)
-    compact = evaluate(structured, data, levels="0,0.7", details=True, compact=True)
-    assert compact["model"]["compact"] is True
-    assert [u["hypotheses"] for u in compact["utterances"]] == [u["hypotheses"] for u in masked["utterances"]]
-    assert [e["nonzero_params"] for e in compact["levels"]] == [e["nonzero_params"] for e in masked["levels"]]
+    masked = evaluate(structured, data, EvaluateOptions(levels="0,0.7", details=True, repeats=1))
+    compact = evaluate(structured, data, EvaluateOptions(levels="0,0.7", details=True, compact=True, repeats=1))
+    assert compact.model.compact is True and compact.to_dict()["model"]["compact"] is True
+    assert [u.hypotheses for u in compact.utterances] == [u.hypotheses for u in masked.utterances]
+    assert [e.nonzero_params for e in compact.levels] == [e.nonzero_params for e in masked.levels]
 
 
 def test_edited_group_codes_are_refused(structured: Path, tmp_path: Path) -> None:

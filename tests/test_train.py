@@ -30,7 +30,7 @@ from dsnn_compress.core.schedule import lr_at, sample_levels
 from dsnn_compress.data.dataset import SpeechDataset, collate
 from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
-from dsnn_compress.evaluation.evaluate import evaluate
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate
 from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.models.registry import adapter_from_metadata
 from dsnn_compress.runtime.runnable import load_model
@@ -102,12 +102,13 @@ def test_overfits_three_utterances_dense_and_sparse(tmp_path: Path):
     assert result.steps == 120
     assert result.dev_wer is not None and result.dev_wer[0] == 0.0  # the loop's own dev evaluation
     assert max(result.final_losses.values()) < 0.1  # low CTC loss ...
-    report = evaluate(result.output, man)  # ... and the saved bundle decodes it, through `dsnn evaluate`'s path
-    wer = {entry["level"]: entry["wer"] for entry in report["levels"]}
+    # ... and the saved bundle decodes it, through `dsnn evaluate`'s path
+    report = evaluate(result.output, man, EvaluateOptions(repeats=1))
+    wer = {entry.level: entry.wer for entry in report.levels}
     assert set(wer) == {0.0, 0.5}
     assert wer[0.0] == 0.0
     assert wer[0.5] <= 0.35
-    assert report["levels"][1]["nonzero_params"] < report["levels"][0]["nonzero_params"]
+    assert report.levels[1].nonzero_params < report.levels[0].nonzero_params
 
 
 # --------------------------------------------------------------------------------------------- masking / grads
@@ -565,7 +566,7 @@ def test_jsonl_log_has_step_eval_and_end_events(tmp_path: Path, tiny_model):
     assert training["best_step"] == best["step"] and training["dev_wer"] == best["dev_wer"]
     # real WERs: `dsnn evaluate` of the kept weights on the dev utterances gives the logged ones, level by level
     dev = make_manifest(tmp_path / "dev.jsonl", recipe.data.max_dev_utterances)
-    wer = {entry["level"]: entry["wer"] for entry in evaluate(recipe.output, dev)["levels"]}
+    wer = {entry.level: entry.wer for entry in evaluate(recipe.output, dev, EvaluateOptions(repeats=1)).levels}
     assert best["dev_wer"] == {"dense": wer[0.0], "0.5": wer[0.5], "0.8": wer[0.8]}
     assert len(set(best["dev_wer"].values())) == 3  # distinct, so a WER of the wrong level cannot pass
 

@@ -32,7 +32,7 @@ from dsnn_compress.cli import main  # noqa: E402
 from dsnn_compress.core.bundle import load_bundle  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
-from dsnn_compress.evaluation.evaluate import evaluate  # noqa: E402
+from dsnn_compress.evaluation.evaluate import EvaluateOptions, evaluate  # noqa: E402
 from dsnn_compress.models.whisper.adapter import long_form_chunks, token_bound  # noqa: E402
 from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 from dsnn_compress.sources.opener import open_source  # noqa: E402
@@ -229,19 +229,20 @@ def test_level_transcripts_equal_the_exported_directory(whisper, capsys):
 def test_evaluate_counts_capped_decodes_like_transformers(whisper, tmp_path):
     """Every level's hypotheses and ``decodes_capped`` equal an independent transformers decode at that level."""
     # a small batch budget: clips decoded alone and in pairs (generate's length set by one clip or by the longer)
-    report = evaluate(whisper.bundle, MANIFEST, batch_frames=300, normalizer="none", details=True)
+    report = evaluate(whisper.bundle, MANIFEST, EvaluateOptions(batch_frames=300, normalizer="none", details=True,
+                                                                repeats=1))
     bundle = load_bundle(whisper.bundle)
     paths = manifest_paths()
     models = {0.0: (hf_model(whisper.en), whisper.en), 0.5: (hf_model(whisper.export), whisper.export),
               0.9: (hf_model(whisper.en, bundle.state_dict_at(0.9)), whisper.en)}
-    assert [entry["level"] for entry in report["levels"]] == [0.0, 0.5, 0.9]
+    assert [entry.level for entry in report.levels] == [0.0, 0.5, 0.9]
     counts = []
-    for entry in report["levels"]:
-        level = entry["level"]
+    for entry in report.levels:
+        level = entry.level
         reference = hf_decode(*models[level], paths)
-        assert [u["hypotheses"][f"{level:g}"] for u in report["utterances"]] == [r.text for r in reference]
-        assert entry["decodes_capped"] == sum(r.capped for r in reference)
-        counts.append(entry["decodes_capped"])
+        assert [u.hypotheses[f"{level:g}"] for u in report.utterances] == [r.text for r in reference]
+        assert entry.decodes_capped == sum(r.capped for r in reference)
+        counts.append(entry.decodes_capped)
     # the random model loops on some clips and ends early on others, so both directions of a miscount show
     assert 0 < counts[0] < len(paths)
     assert counts[0] != counts[1]

@@ -229,12 +229,15 @@ def evaluate(
     verify: VerifyOption = True,
     compact: Annotated[bool, typer.Option("--compact", help="Structured bundles: run each level as its physically "
                                                            "smaller model (RTFx of what export writes).")] = False,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timing passes over the levels, interleaved (the first "
+                                                           "also scores): RTFx is their median, with the range.")
+                       ] = 5,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from .atomic import StagedOutputs, check_report_path
+    from .evaluation.evaluate import EvaluateOptions, gate_failure
     from .evaluation.evaluate import evaluate as run_evaluate
-    from .evaluation.evaluate import gate_failure
-    from .report.plot import plot_wer, read_report, require_matplotlib
+    from .report.plot import plot_wer, read_report, require_matplotlib, wer_curve
     from .report.tables import evaluation_markdown, evaluation_table, to_json
 
     if plot_with and plot is None:
@@ -251,23 +254,26 @@ def evaluate(
         def on_progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=stage, completed=done, total=total)
 
-        report = run_evaluate(model, data, levels, batch_frames, skip_bad, normalizer, details, on_progress,
-                              max_wer=max_wer or [], max_wer_increase=max_wer_increase or [], audio_ctx=audio_ctx,
-                              kernels=kernels, verify=verify, compact=compact)
+        options = EvaluateOptions(levels=levels, batch_frames=batch_frames, skip_bad=skip_bad, normalizer=normalizer,
+                                  details=details, max_wer=tuple(max_wer or ()),
+                                  max_wer_increase=tuple(max_wer_increase or ()), audio_ctx=audio_ctx,
+                                  kernels=kernels, verify=verify, compact=compact, repeats=repeats)
+        report = run_evaluate(model, data, options, on_progress=on_progress)
     with StagedOutputs() as staged:  # the report files appear together or not at all
         if json_path is not None:
-            _write_report_file(json_path, to_json(report) + "\n", staged)
+            _write_report_file(json_path, to_json(report.to_dict()) + "\n", staged)
         if markdown_path is not None:
             _write_report_file(markdown_path, evaluation_markdown(report), staged)
         if plot is not None:
-            plot_wer([(model.stem, report), *earlier], staged.file(plot))
+            plot_wer([(model.stem, wer_curve(report)), *((name, wer_curve(old)) for name, old in earlier)],
+                     staged.file(plot))
     if json_path is None or str(json_path) != "-":
         out.print(evaluation_table(report))
-        if report["skipped"]:
-            err.print(f"skipped {len(report['skipped'])} utterance(s): "
-                      + ", ".join(s["id"] for s in report["skipped"][:10])
-                      + (" ..." if len(report["skipped"]) > 10 else ""))
-    failure = gate_failure(report["gates"])
+        if report.skipped:
+            err.print(f"skipped {len(report.skipped)} utterance(s): "
+                      + ", ".join(s.id for s in report.skipped[:10])
+                      + (" ..." if len(report.skipped) > 10 else ""))
+    failure = gate_failure(report.gates)
     if failure is not None:
         raise failure
 
@@ -368,12 +374,13 @@ def demo(
                           stage=lambda text: err.print(f"[bold]demo:[/bold] {text}"))
     rows = comparison_rows(result)
     if json_out:
-        print(to_json({"directory": str(result.directory), "levels": rows, "live_steps": result.steps,
+        print(to_json({"directory": str(result.directory), "levels": [row.to_dict() for row in rows],
+                       "live_steps": result.steps,
                        "shipped_steps": result.shipped_steps, "seconds": result.seconds,
                        "files": {k: str(v) for k, v in result.files.items()}}))
         return
     live_column = f"+ live {result.steps} steps"
-    for table in demo_tables(rows, result.shipped["data"]["utterances"], result.files, live_column, result.notes()):
+    for table in demo_tables(rows, result.shipped, result.files, live_column, result.notes()):
         out.print(table)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     out.print(f"time: {timing}; total {sum(result.seconds.values()):.0f} s")

@@ -1,12 +1,11 @@
-"""`dsnn evaluate`: WER / CER / RTFx per sparsity level on a manifest, with CI gates."""
+"""`dsnn evaluate`: WER / CER / RTFx per sparsity level on a manifest, with CI gates; returns a typed report."""
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,14 +16,32 @@ from ..core.levels import level_label, parse_level, same_level
 from ..data.batch import pad_batch
 from ..data.dataset import bucket_batches
 from ..data.manifest import read_manifest
-from ..data.prepare import prepare_data
+from ..data.prepare import PreparedData, prepare_data
 from ..data.text import get_normalizer
 from ..errors import DsnnError, GateError, UsageError
 from ..runtime.runnable import LoadedModel, load_model
+from . import timing
+from .results import (
+    ContinuousLevels,
+    DataInfo,
+    EvaluationReport,
+    GateCheck,
+    KernelsSummary,
+    KernelUse,
+    LevelResult,
+    ModelInfo,
+    SkippedUtterance,
+    Timing,
+    UtteranceResult,
+)
 from .scoring import char_errors, word_errors
+from .timing import LevelTiming, pass_order, timed_batches
 
-REPORT_SCHEMA = "dsnn-evaluate/1"
 DEFAULT_BATCH_FRAMES = 30_000
+DEFAULT_REPEATS = 5
+"""Timing passes by default: with 5 samples a level, two levels of equal speed show disjoint ranges by chance with
+probability 2/252 (under 1 %) where 3 samples give 2/20; the passes after the first cost at most
+:data:`~.timing.TIMED_AUDIO_SECONDS` of audio each."""
 
 
 def select_levels(loaded: LoadedModel, spec: str | Sequence[float] = "all") -> list[float]:
@@ -44,47 +61,68 @@ def transcribe_waveforms(loaded: LoadedModel, waves: Sequence[np.ndarray], ids: 
         return adapter.decode(batch)
 
 
-def evaluate(
-    model_path: str | Path,
-    data_path: str | Path,
-    levels: str | Sequence[float] = "all",
-    batch_frames: int = DEFAULT_BATCH_FRAMES,
-    skip_bad: bool = False,
-    normalizer: str | None = None,
-    details: bool = False,
-    on_progress: Callable[[str, int, int], None] | None = None,
-    max_wer: Sequence[str] = (),
-    max_wer_increase: Sequence[str] = (),
-    audio_ctx: int | None = None,
-    kernels: str = "dense",
-    verify: bool = True,
-    compact: bool = False,
-) -> dict[str, Any]:
-    """Evaluate every requested level on ``data_path``; returns the JSON-ready report.
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What :func:`evaluate` runs and how (the options of ``dsnn evaluate``).
 
-    ``verify`` checks the model file's checksums (when it has them) before anything runs.
-    ``compact`` (structured bundles): run each level as its physically smaller model, so RTFx is that model's.
+    ``levels``: ``all`` (the trained levels) or levels in [0, largest] (:func:`select_levels`). ``batch_frames``:
+    padded feature frames per batch. ``skip_bad``: leave out and list unusable utterances instead of failing.
+    ``normalizer``: text normaliser (default: the model's). ``details``: keep every transcript in the report.
+    ``max_wer`` / ``max_wer_increase``: CI gates ``LEVEL:PCT`` (:func:`check_gates`), checked for syntax before any
+    work. ``audio_ctx``: a Whisper model's encoder context. ``kernels``: ``dense`` | ``sparse`` | ``auto``
+    (:mod:`~dsnn_compress.runtime.kernels`): how pruned layers compute at sparse levels; ``auto`` times dense against
+    CSR per layer on the shapes of the first batch, before the timed passes. ``verify``: check the model file's
+    checksums (when it has them) before anything runs. ``compact`` (structured bundles): run each level as its
+    physically smaller model, so RTFx is that model's. ``repeats``: timing passes over the levels
+    (:mod:`~dsnn_compress.evaluation.timing`); 1 times each level once.
+    """
 
-    ``max_wer`` / ``max_wer_increase`` are CI gates (``LEVEL:PCT``, see :func:`check_gates`), checked for syntax
-    before any work and recorded under ``gates`` in the report; :func:`gate_failure` turns failures into an error.
+    levels: str | Sequence[float] = "all"
+    batch_frames: int = DEFAULT_BATCH_FRAMES
+    skip_bad: bool = False
+    normalizer: str | None = None
+    details: bool = False
+    max_wer: Sequence[str] = ()
+    max_wer_increase: Sequence[str] = ()
+    audio_ctx: int | None = None
+    kernels: str = "dense"
+    verify: bool = True
+    compact: bool = False
+    repeats: int = DEFAULT_REPEATS
+
+    def check(self) -> None:
+        """UsageError for a value that no model or data could make valid (before any file is read)."""
+        if self.batch_frames <= 0:
+            raise UsageError("--batch-frames must be positive")
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be at least 1, got {self.repeats}", "e.g. --repeats 3")
+        for spec in self.max_wer:
+            parse_gate(spec, "--max-wer")
+        for spec in self.max_wer_increase:
+            parse_gate(spec, "--max-wer-increase")
+
+
+def evaluate(model_path: str | Path, data_path: str | Path, options: EvaluateOptions | None = None, *,
+             on_progress: Callable[[str, int, int], None] | None = None) -> EvaluationReport:
+    """Evaluate every requested level of ``model_path`` on ``data_path`` (:class:`EvaluateOptions`).
+
+    The first pass decodes every utterance at every level (the scored transcripts); passes 2 to ``repeats`` decode
+    the timed batches again at every level, for timing only. The passes are interleaved: each runs every level once
+    (:func:`~.timing.pass_order`), so background load spreads over the levels instead of falling on the ones that
+    happened to run during it; RTFx is the median pass and ``rtfx_range`` the slowest and fastest
+    (:mod:`~dsnn_compress.evaluation.timing`). The gates are recorded in the report; :func:`gate_failure` turns
+    failures into an error.
 
     RTFx follows the Open ASR Leaderboard: audio seconds / processing seconds, where processing covers feature
     extraction, the forward pass and decoding (audio is read from disk once beforehand), after one untimed
-    warm-up batch.
-
-    ``kernels`` (``dense`` | ``sparse`` | ``auto``, :mod:`~dsnn_compress.runtime.kernels`): how pruned layers compute at
-    sparse levels; ``auto`` times dense against CSR per layer on the shapes of the first batch, before the timed
-    passes. Each level's entry says how many layers ran sparse.
+    warm-up batch. Level switches (compact adapters, sparse kernels rebuilt for the level) are not timed.
     """
-    if batch_frames <= 0:
-        raise UsageError("--batch-frames must be positive")
-    for spec in max_wer:
-        parse_gate(spec, "--max-wer")
-    for spec in max_wer_increase:
-        parse_gate(spec, "--max-wer-increase")
-    loaded = load_model(model_path, audio_ctx, kernels, verify=verify, compact=compact)  # checks --kernels first
-    chosen = select_levels(loaded, levels)
-    norm = normalizer or loaded.adapter.normalizer
+    opts = options or EvaluateOptions()
+    opts.check()
+    loaded = load_model(model_path, opts.audio_ctx, opts.kernels, verify=opts.verify,
+                        compact=opts.compact)  # checks --kernels first
+    chosen = select_levels(loaded, opts.levels)
+    norm = opts.normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name
     utterances = read_manifest(data_path)
     done = 0
@@ -95,82 +133,117 @@ def evaluate(
         if on_progress:
             on_progress("loading audio", done, len(utterances))
 
-    data = prepare_data(utterances, loaded.adapter.sample_rate, loaded.adapter.encode_text, norm, skip_bad, tick_load)
+    data = prepare_data(utterances, loaded.adapter.sample_rate, loaded.adapter.encode_text, norm, opts.skip_bad,
+                        tick_load)
     if not data.ids:
         raise DsnnError(f"no utterance of {data_path} could be used ({len(data.skipped)} skipped)",
                         "check the audio files and transcripts")
     if not any(ref.split() for ref in data.references):
         raise DsnnError(f"the transcripts of {data_path} hold no words after normalisation, so WER is undefined",
                         "evaluate on data with non-empty transcripts")
-    batches = bucket_batches(data.seconds, batch_frames, shuffle=False, seed=0)
+    batches = bucket_batches(data.seconds, opts.batch_frames, shuffle=False, seed=0)
     first = batches[0]
     if loaded.kernels is not None:  # auto times each layer on the input shapes of a real batch
-        loaded.use_kernels(kernels, lambda: transcribe_waveforms(loaded, [data.waveforms[i] for i in first],
-                                                                 [data.ids[i] for i in first]))
+        loaded.use_kernels(opts.kernels, lambda: transcribe_waveforms(loaded, [data.waveforms[i] for i in first],
+                                                                      [data.ids[i] for i in first]))
     loaded.set_level(chosen[0])
     transcribe_waveforms(loaded, [data.waveforms[i] for i in first], [data.ids[i] for i in first])  # warm-up
-    total_steps = len(chosen) * len(batches)
-    step = 0
-    results = []
-    hypotheses: dict[float, list[str]] = {}
-    for level in chosen:
-        loaded.set_level(level)
-        loaded.adapter.capped_decodes = 0
-        hyps = [""] * len(data.ids)
-        elapsed = 0.0
-        for batch in batches:
-            start = time.perf_counter()
-            texts = transcribe_waveforms(loaded, [data.waveforms[i] for i in batch], [data.ids[i] for i in batch])
-            elapsed += time.perf_counter() - start
-            for i, text in zip(batch, texts, strict=True):
-                hyps[i] = normalize(text)  # scored like the references (no stray or doubled spaces)
-            step += 1
-            if on_progress:
-                on_progress(f"level {level_label(level)}", step, total_steps)
-        words = word_errors(data.references, hyps)
-        chars = char_errors(data.references, hyps)
-        audio_seconds = float(sum(data.seconds))
-        results.append({
-            "level": level,
-            "trained": loaded.is_trained(level),
-            "wer": words.rate,
-            "cer": chars.rate,
-            "words": words.to_dict(),
-            "chars": chars.to_dict(),
-            "nonzero_params": loaded.nonzero_params(),
-            "audio_seconds": round(audio_seconds, 3),
-            "processing_seconds": round(elapsed, 4),
-            "rtfx": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
-            "utterances_scored": len(data.ids),
-            "utterances_skipped": len(data.skipped),
-            "decodes_capped": loaded.adapter.capped_decodes,
-            "kernels": loaded.kernel_report(),
-        })
-        hypotheses[level] = hyps
+    runs = _LevelRuns(loaded, data, batches, normalize, on_progress)
+    runs.run(chosen, opts.repeats)
     loaded.set_level(0.0)
-    report: dict[str, Any] = {
-        "schema": REPORT_SCHEMA,
-        "tool": tool_metadata(),
-        "model": {"path": str(model_path), "kind": loaded.kind, "family": loaded.adapter.family,
-                  **({"compact": True} if compact else {})},
-        "data": {"path": str(data_path), "utterances": len(utterances)},
-        "normalizer": norm,
-        "decoding": loaded.adapter.decoding,
-        "threads": torch.get_num_threads(),
-        "kernels": loaded.kernels.summary() if loaded.kernels else {"mode": "dense"},
-        "levels": results,
-        "skipped": data.skipped,
-    }
-    if not all(entry["trained"] for entry in results):
-        report["continuous_levels"] = {"score": SCORE, "allocation": loaded.sparsity.allocation if loaded.sparsity
-                                       else None}
-    if details:
-        report["utterances"] = [
-            {"id": uid, "reference": ref, "hypotheses": {f"{lv:g}": hypotheses[lv][i] for lv in chosen}}
+    results = [runs.result(level) for level in chosen]
+    report = EvaluationReport(
+        model=ModelInfo(str(model_path), loaded.kind, loaded.adapter.family, opts.compact),
+        data=DataInfo(str(data_path), len(utterances)), normalizer=norm, decoding=loaded.adapter.decoding,
+        threads=torch.get_num_threads(), levels=results,
+        skipped=[SkippedUtterance(s["id"], s["reason"]) for s in data.skipped],
+        kernels=_kernels_summary(loaded), timing=Timing(opts.repeats, sum(len(batches[b]) for b in runs.timed)),
+        tool=tool_metadata(),
+    )
+    if not all(entry.trained for entry in results):
+        report.continuous_levels = ContinuousLevels(SCORE, loaded.sparsity.allocation if loaded.sparsity else None)
+    if opts.details:
+        report.utterances = [
+            UtteranceResult(uid, ref, {f"{lv:g}": runs.hypotheses[lv][i] for lv in chosen})
             for i, (uid, ref) in enumerate(zip(data.ids, data.references, strict=True))
         ]
-    report["gates"] = check_gates(report, max_wer, max_wer_increase)
+    report.gates = check_gates(results, opts.max_wer, opts.max_wer_increase)
     return report
+
+
+def _kernels_summary(loaded: LoadedModel) -> KernelsSummary:
+    if loaded.kernels is None:
+        return KernelsSummary()
+    summary = loaded.kernels.summary()
+    return KernelsSummary(summary["mode"], summary["layers_with_sparse_path"], summary["without_sparse_path"])
+
+
+class _LevelRuns:
+    """The interleaved passes of :func:`evaluate` over the levels, and what they measured per level."""
+
+    def __init__(self, loaded: LoadedModel, data: PreparedData, batches: list[list[int]],
+                 normalize: Callable[[str], str], on_progress: Callable[[str, int, int], None] | None) -> None:
+        self.loaded, self.data, self.batches, self.normalize = loaded, data, batches, normalize
+        self.on_progress = on_progress
+        self.timed = timed_batches(batches, data.seconds, timing.TIMED_AUDIO_SECONDS)
+        self.timed_set = set(self.timed)
+        self.step = self.total = 0
+        self.hypotheses: dict[float, list[str]] = {}
+        self.passes: dict[float, list[float]] = {}
+        self.scored: dict[float, tuple[int, KernelUse, int]] = {}  # nonzero params, kernels, capped decodes
+
+    def run(self, levels: Sequence[float], repeats: int) -> None:
+        """Pass 1 decodes every batch at every level (transcripts and timing), passes 2.. the timed batches."""
+        self.total = len(levels) * (len(self.batches) + (repeats - 1) * len(self.timed))
+        for index in range(repeats):
+            for level in pass_order(levels, index):
+                self.loaded.set_level(level)  # not timed: compact swaps the adapter, sparse kernels rebuild CSR
+                if index == 0:
+                    self.loaded.adapter.capped_decodes = 0
+                    seconds = self._decode(range(len(self.batches)), f"level {level_label(level)}",
+                                           self.hypotheses.setdefault(level, [""] * len(self.data.ids)))
+                    report = self.loaded.kernel_report()
+                    self.scored[level] = (self.loaded.nonzero_params(),
+                                          KernelUse(report["mode"], tuple(report["layers"])),
+                                          self.loaded.adapter.capped_decodes)
+                else:
+                    seconds = self._decode(self.timed, f"timing {index + 1}/{repeats}: level {level_label(level)}")
+                self.passes.setdefault(level, []).append(seconds)
+
+    def _decode(self, numbers: Iterable[int], stage: str, hyps: list[str] | None = None) -> float:
+        """Decode the batches ``numbers`` at the active level; the seconds the timed ones took. With ``hyps``, the
+        normalised transcripts are stored there (scored like the references: no stray or doubled spaces)."""
+        seconds = 0.0
+        for number in numbers:
+            batch = self.batches[number]
+            start = timing.clock()
+            texts = transcribe_waveforms(self.loaded, [self.data.waveforms[i] for i in batch],
+                                         [self.data.ids[i] for i in batch])
+            if number in self.timed_set:
+                seconds += timing.clock() - start
+            if hyps is not None:
+                for i, text in zip(batch, texts, strict=True):
+                    hyps[i] = self.normalize(text)
+            self.step += 1
+            if self.on_progress:
+                self.on_progress(stage, self.step, self.total)
+        return seconds
+
+    def result(self, level: float) -> LevelResult:
+        """The scores (first pass) and the speed (every pass) of ``level``."""
+        data, hyps = self.data, self.hypotheses[level]
+        nonzero, kernels, capped = self.scored[level]
+        measured = LevelTiming(sum(data.seconds[i] for b in self.timed for i in self.batches[b]),
+                               tuple(self.passes[level]))
+        rtfx, span = measured.rtfx, measured.rtfx_range
+        return LevelResult(
+            level=level, words=word_errors(data.references, hyps), chars=char_errors(data.references, hyps),
+            nonzero_params=nonzero, audio_seconds=round(measured.audio_seconds, 3),
+            processing_seconds=round(measured.processing_seconds, 4), rtfx=None if rtfx is None else round(rtfx, 2),
+            rtfx_range=None if span is None else (round(span[0], 2), round(span[1], 2)),
+            utterances_scored=len(data.ids), utterances_skipped=len(data.skipped),
+            trained=self.loaded.is_trained(level), decodes_capped=capped, kernels=kernels,
+        )
 
 
 def parse_gate(spec: str, option: str) -> tuple[float | None, float]:
@@ -188,14 +261,15 @@ def parse_gate(spec: str, option: str) -> tuple[float | None, float]:
     return level, limit
 
 
-def check_gates(report: dict[str, Any], max_wer: Sequence[str] = (), max_increase: Sequence[str] = ()) -> list[dict]:
-    """Evaluate the gates against ``report``; returns one record per checked (gate, level), failures marked.
+def check_gates(levels: Sequence[LevelResult], max_wer: Sequence[str] = (),
+                max_increase: Sequence[str] = ()) -> list[GateCheck]:
+    """Check the gates against the evaluated ``levels``; one record per checked (gate, level), failures marked.
 
     ``--max-wer LEVEL:PCT``: WER at LEVEL must be at most PCT percent. ``--max-wer-increase LEVEL:PCT``: WER at
     LEVEL minus WER of the dense level must be at most PCT percentage points. ``all`` (or ``*``) as LEVEL checks
     every evaluated level.
     """
-    by_level = {entry["level"]: entry for entry in report["levels"]}
+    by_level = {entry.level: entry for entry in levels}
     checks = []
     for kind, specs in (("max-wer", max_wer), ("max-wer-increase", max_increase)):
         for spec in specs:
@@ -205,23 +279,22 @@ def check_gates(report: dict[str, Any], max_wer: Sequence[str] = (), max_increas
                 raise UsageError(f"--{kind} names level {level:g}, which was not evaluated",
                                  "add it to --levels or fix the gate")
             for lv in targets:
-                value = 100 * by_level[lv]["wer"]
+                value = 100 * by_level[lv].wer
                 if kind == "max-wer-increase":
                     if 0.0 not in by_level:
                         raise UsageError("--max-wer-increase needs the dense level 0 among --levels")
-                    value -= 100 * by_level[0.0]["wer"]
-                checks.append({"gate": kind, "level": lv, "value": round(value, 4), "limit": limit,
-                               "passed": value <= limit + 1e-9})
+                    value -= 100 * by_level[0.0].wer
+                checks.append(GateCheck(kind, lv, round(value, 4), limit, value <= limit + 1e-9))
     return checks
 
 
-def gate_failure(checks: Sequence[dict]) -> GateError | None:
+def gate_failure(checks: Sequence[GateCheck]) -> GateError | None:
     """A GateError describing every failed check, or None when all passed."""
-    failed = [c for c in checks if not c["passed"]]
+    failed = [c for c in checks if not c.passed]
     if not failed:
         return None
     parts = []
     for c in failed:
-        what = "WER" if c["gate"] == "max-wer" else "WER increase over dense"
-        parts.append(f"{what} at level {c['level']:g} is {c['value']:.2f} %, above the limit {c['limit']:g} %")
+        what = "WER" if c.gate == "max-wer" else "WER increase over dense"
+        parts.append(f"{what} at level {c.level:g} is {c.value:.2f} %, above the limit {c.limit:g} %")
     return GateError("quality gate failed: " + "; ".join(parts), None)

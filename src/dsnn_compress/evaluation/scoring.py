@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import jiwer
 
@@ -33,6 +34,11 @@ class ErrorCounts:
     def to_dict(self) -> dict[str, float | int]:
         """JSON-ready counts plus the rate."""
         return {**asdict(self), "reference_length": self.reference_length, "rate": self.rate}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorCounts:
+        """The counts of a :meth:`to_dict` record (``reference_length`` and ``rate`` follow from them)."""
+        return cls(int(data["substitutions"]), int(data["deletions"]), int(data["insertions"]), int(data["hits"]))
 
 
 def _counts(output: jiwer.WordOutput | jiwer.CharacterOutput) -> ErrorCounts:

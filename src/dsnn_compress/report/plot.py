@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import DsnnError
+from ..evaluation.results import EvaluationReport
 
 
-def read_report(path: str | Path) -> dict[str, Any]:
-    """Load an evaluation report JSON written by ``dsnn evaluate --json``."""
+def read_report(path: str | Path) -> EvaluationReport:
+    """Load an evaluation report JSON written by ``dsnn evaluate --json`` (by this version or an earlier one)."""
     file = Path(path)
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DsnnError(f"report {file} does not exist", "write one with dsnn evaluate --json F") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DsnnError(f"report {file} is not valid JSON", "pass a file written by dsnn evaluate --json") from None
-    if not isinstance(report, dict) or not isinstance(report.get("levels"), list):
-        raise DsnnError(f"{file} is not a dsnn evaluation report (no 'levels')", "use dsnn evaluate --json output")
-    return report
+    try:
+        return EvaluationReport.from_dict(data)
+    except DsnnError as exc:
+        raise DsnnError(f"{file} is {exc.message}", exc.hint) from None
 
 
 def require_matplotlib():  # noqa: ANN201 - the matplotlib.pyplot module
@@ -37,14 +38,21 @@ def require_matplotlib():  # noqa: ANN201 - the matplotlib.pyplot module
     return plt
 
 
-def plot_wer(curves: Sequence[tuple[str, dict[str, Any]]], output: str | Path, title: str | None = None) -> Path:
-    """Draw WER (%) against sparsity (%) for each ``(label, report)`` and save a PNG atomically."""
+def wer_curve(report: EvaluationReport) -> list[tuple[float, float]]:
+    """The ``(level, WER)`` points of a report, as :func:`plot_wer` draws them."""
+    return [(entry.level, entry.wer) for entry in report.levels]
+
+
+def plot_wer(curves: Sequence[tuple[str, Sequence[tuple[float, float]]]], output: str | Path,
+             title: str | None = None) -> Path:
+    """Draw WER (%) against sparsity (%) for each ``(label, [(level, wer), ...])`` (fractions, in any order; see
+    :func:`wer_curve`) and save a PNG atomically."""
     plt = require_matplotlib()
     if not curves:
         raise DsnnError("nothing to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, report in curves:
-        points = sorted((100 * e["level"], 100 * e["wer"]) for e in report["levels"])
+    for label, curve in curves:
+        points = sorted((100 * level, 100 * wer) for level, wer in curve)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xlabel("sparsity of prunable weights (%)")
     ax.set_ylabel("WER (%)")

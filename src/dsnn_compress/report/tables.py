@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from ..core.bundle import Bundle
 from ..core.levels import level_label
+from ..evaluation.results import EvaluationReport, LevelResult
 from .structured import structured_report, structured_table
 
 
@@ -138,128 +140,204 @@ UNTRAINED_NOTE = ("* a continuous level between two trained levels (not trained 
                   "and the dense magnitudes, nested with the trained levels)")
 
 
-def evaluated_level_label(entry: dict[str, Any]) -> str:
+def evaluated_level_label(entry: LevelResult) -> str:
     """The level label of an evaluation entry, marked with ``*`` when the level was not trained."""
-    return level_label(entry["level"]) + ("" if entry.get("trained", True) else UNTRAINED_MARK)
+    return level_label(entry.level) + ("" if entry.trained else UNTRAINED_MARK)
 
 
-def _has_untrained(report: dict[str, Any]) -> bool:
-    return any(not entry.get("trained", True) for entry in report["levels"])
+def _has_untrained(report: EvaluationReport) -> bool:
+    return any(not entry.trained for entry in report.levels)
 
 
-def evaluation_table(report: dict[str, Any]) -> Table:
-    """WER/CER per level with S/D/I, nonzero parameters and RTFx."""
-    model = report["model"]
-    table = Table(title=f"{model['path']} on {report['data']['path']} (normaliser: {report['normalizer']})",
-                  title_justify="left", caption=UNTRAINED_NOTE if _has_untrained(report) else None,
-                  caption_justify="left")
+def _ranged(report: EvaluationReport) -> bool:
+    """Whether the report's RTFx comes from several timing passes (then each has a range)."""
+    return report.timing is not None and report.timing.repeats > 1
+
+
+def compares_speed(report: EvaluationReport) -> bool:
+    """Whether a "vs dense" speed column is shown: several timing passes, dense and another level evaluated."""
+    return _ranged(report) and report.level(0.0) is not None and len(report.levels) > 1
+
+
+def rtfx_text(report: EvaluationReport, entry: LevelResult) -> str:
+    """``94.3 (93.1-97.7)``: the median RTFx and the slowest-fastest pass (the median alone after one pass)."""
+    if not entry.rtfx:
+        return "-"
+    if entry.rtfx_range is None or not _ranged(report):
+        return f"{entry.rtfx:.1f}"
+    low, high = entry.rtfx_range
+    return f"{entry.rtfx:.1f} ({low:.1f}-{high:.1f})"
+
+
+def versus_dense_text(report: EvaluationReport, entry: LevelResult) -> str:
+    """``same`` when the level's RTFx range overlaps dense's, else the ratio of medians (``1.34x``)."""
+    comparison = report.speed_vs_dense(entry)
+    if comparison is None:
+        return "-"
+    return f"{comparison.ratio:.2f}x" if comparison.distinct else "same"
+
+
+def timing_note(report: EvaluationReport, subject: str = "RTFx") -> str | None:
+    """One line on how RTFx (of ``subject``) was measured (None for reports written before repeated timing)."""
+    if report.timing is None:
+        return None
+    if not _ranged(report):
+        return f"{subject}: one timing pass, so no range and no speed comparison (--repeats 2 or more gives both)"
+    text = (f"{subject}: median of {report.timing.repeats} interleaved timing passes (slowest-fastest pass) over "
+            f"{report.timing.timed_utterances} utterances")
+    if compares_speed(report):
+        text += "; vs dense: 'same' where the ranges overlap (the difference may be noise), else the ratio"
+    return text
+
+
+def evaluation_table(report: EvaluationReport) -> Table:
+    """WER/CER per level with S/D/I, nonzero parameters and RTFx (with its range and the speed against dense)."""
+    table = Table(title=f"{report.model.path} on {report.data.path} (normaliser: {report.normalizer})",
+                  title_justify="left", caption_justify="left")
     bounded = _bounded(report)
     sparse = _sparse_kernels(report)
-    columns = ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", "scored", "skipped")
+    versus = compares_speed(report)
+    columns = ("level", "WER %", "CER %", "sub", "del", "ins", "nonzero params", "RTFx", *(("vs dense",) if versus
+                                                                                          else ()), "scored",
+               "skipped")
     for column in columns + (("capped",) if bounded else ()) + (("sparse layers",) if sparse else ()):
         table.add_column(column, justify="left" if column == "level" else "right")
-    for entry in report["levels"]:
-        words = entry["words"]
+    for entry in report.levels:
+        words = entry.words
         table.add_row(
-            evaluated_level_label(entry), f"{100 * entry['wer']:.2f}", f"{100 * entry['cer']:.2f}",
-            str(words["substitutions"]),
-            str(words["deletions"]), str(words["insertions"]), f"{entry['nonzero_params']:,}",
-            f"{entry['rtfx']:.1f}" if entry["rtfx"] else "-", str(entry["utterances_scored"]),
-            str(entry["utterances_skipped"]), *((str(entry.get("decodes_capped", 0)),) if bounded else ()),
-            *((_sparse_count(report, entry),) if sparse else ()),
+            evaluated_level_label(entry), f"{100 * entry.wer:.2f}", f"{100 * entry.cer:.2f}",
+            str(words.substitutions), str(words.deletions), str(words.insertions), f"{entry.nonzero_params:,}",
+            rtfx_text(report, entry), *((versus_dense_text(report, entry),) if versus else ()),
+            str(entry.utterances_scored), str(entry.utterances_skipped),
+            *((str(entry.decodes_capped),) if bounded else ()), *((_sparse_count(report, entry),) if sparse else ()),
         )
-    if sparse:
-        table.caption = _kernels_caption(report)
+    notes = [UNTRAINED_NOTE if _has_untrained(report) else None, _kernels_caption(report) if sparse else None,
+             timing_note(report)]
+    table.caption = "\n".join(note for note in notes if note) or None
     return table
 
 
-def _sparse_kernels(report: dict[str, Any]) -> bool:
+def _sparse_kernels(report: EvaluationReport) -> bool:
     """Whether the report ran with ``--kernels sparse`` or ``auto`` (then sparse layers are shown per level)."""
-    return report.get("kernels", {}).get("mode", "dense") != "dense"
+    return report.kernels.mode != "dense"
 
 
-def _sparse_count(report: dict[str, Any], entry: dict[str, Any]) -> str:
+def _sparse_count(report: EvaluationReport, entry: LevelResult) -> str:
     """``sparse layers / layers with a sparse path`` of one level."""
-    return f"{entry['kernels']['sparse_layers']}/{report['kernels']['layers_with_sparse_path']}"
+    return f"{entry.kernels.sparse_layers}/{report.kernels.layers_with_sparse_path}"
 
 
-def _kernels_caption(report: dict[str, Any]) -> str:
+def _kernels_caption(report: EvaluationReport) -> str:
     """One line on the kernels: mode, and which pruned layer types have no sparse path (they run dense)."""
-    kernels = report["kernels"]
-    text = f"kernels: {kernels['mode']}"
-    without = kernels.get("without_sparse_path") or {}
+    kernels = report.kernels
+    text = f"kernels: {kernels.mode}"
+    without = kernels.without_sparse_path or {}
     if without:
         text += "; pruned layers without a sparse path (run dense): " + ", ".join(
             f"{kind} x{count}" for kind, count in without.items())
     return text
 
 
-def _bounded(report: dict[str, Any]) -> bool:
+def _bounded(report: EvaluationReport) -> bool:
     """Whether the report's decoding has a length bound (autoregressive models), so capped decodes are shown."""
-    return report.get("decoding", "greedy-ctc") != "greedy-ctc"
+    return report.decoding != "greedy-ctc"
 
 
-def evaluation_markdown(report: dict[str, Any]) -> str:
-    """The evaluation report as a Markdown section (for CI summaries)."""
+def evaluation_markdown(report: EvaluationReport, speed: bool = True) -> str:
+    """The evaluation report as a Markdown section (for CI summaries); ``speed=False`` leaves RTFx out."""
+    versus = speed and compares_speed(report)
+    speed_head = (" RTFx (range) |" if _ranged(report) else " RTFx |") if speed else ""
     lines = [
-        f"### WER per sparsity level: `{report['model']['path']}`",
+        f"### WER per sparsity level: `{report.model.path}`",
         "",
-        f"Data: `{report['data']['path']}`; normaliser: `{report['normalizer']}`; decoding: {report['decoding']}; "
-        f"threads: {report['threads']}.",
+        f"Data: `{report.data.path}`; normaliser: `{report.normalizer}`; decoding: {report.decoding}; "
+        f"threads: {report.threads}.",
         "",
-        "| level | WER % | CER % | sub | del | ins | nonzero params | RTFx | scored | skipped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| level | WER % | CER % | sub | del | ins | nonzero params |{speed_head}{' vs dense |' if versus else ''}"
+        " scored | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if speed else "") + ("---:|" if versus else "") + "---:|---:|",
     ]
-    for e in report["levels"]:
-        w = e["words"]
-        rtfx = f"{e['rtfx']:.1f}" if e["rtfx"] else "-"
+    for e in report.levels:
+        w = e.words
         label = evaluated_level_label(e).replace("*", "\\*")
+        speed_cells = (f" {rtfx_text(report, e)} |" if speed else "") + (
+            f" {versus_dense_text(report, e)} |" if versus else "")
         lines.append(
-            f"| {label} | {100 * e['wer']:.2f} | {100 * e['cer']:.2f} | {w['substitutions']} | "
-            f"{w['deletions']} | {w['insertions']} | {e['nonzero_params']:,} | {rtfx} | {e['utterances_scored']} | "
-            f"{e['utterances_skipped']} |"
+            f"| {label} | {100 * e.wer:.2f} | {100 * e.cer:.2f} | {w.substitutions} | {w.deletions} | "
+            f"{w.insertions} | {e.nonzero_params:,} |{speed_cells} {e.utterances_scored} | {e.utterances_skipped} |"
         )
+    note = timing_note(report) if speed else None
+    if note:
+        lines += ["", note + "."]
     if _sparse_kernels(report):
-        counts = ", ".join(f"{level_label(e['level'])}: {_sparse_count(report, e)}" for e in report["levels"])
+        counts = ", ".join(f"{level_label(e.level)}: {_sparse_count(report, e)}" for e in report.levels)
         lines += ["", f"Layers computing with sparse weights ({_kernels_caption(report)}): {counts}."]
     if _has_untrained(report):
         lines += ["", "\\" + UNTRAINED_NOTE + "."]
     if _bounded(report):
-        capped = ", ".join(f"{level_label(e['level'])}: {e.get('decodes_capped', 0)}" for e in report["levels"])
+        capped = ", ".join(f"{level_label(e.level)}: {e.decodes_capped}" for e in report.levels)
         lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]
-    if report.get("skipped"):
-        lines += ["", f"Skipped {len(report['skipped'])} utterance(s):", ""]
-        lines += [f"- `{s['id']}`: {s['reason']}" for s in report["skipped"]]
-    if report.get("gates"):
+    if report.skipped:
+        lines += ["", f"Skipped {len(report.skipped)} utterance(s):", ""]
+        lines += [f"- `{s.id}`: {s.reason}" for s in report.skipped]
+    if report.gates:
         lines += ["", "| gate | level | value % | limit % | result |", "|---|---|---:|---:|---|"]
-        for g in report["gates"]:
-            lines.append(f"| {g['gate']} | {level_label(g['level'])} | {g['value']:.2f} | {g['limit']:g} | "
-                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+        for g in report.gates:
+            lines.append(f"| {g.gate} | {level_label(g.level)} | {g.value:.2f} | {g.limit:g} | "
+                         f"{'pass' if g.passed else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
 
 
-def demo_tables(rows: list[dict[str, Any]], utterances: int, files: dict[str, Any], live_column: str,
+@dataclass(frozen=True)
+class DemoRow:
+    """One level of the demo's table: WER of one-shot pruning and of the live fine-tune (None where the level was
+    not trained live), and the shipped bundle's result, which also gives CER, size and speed."""
+
+    level: float
+    servable: bool
+    wer_oneshot: float
+    wer_live: float | None
+    shipped: LevelResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row of ``dsnn demo --json``."""
+        span = self.shipped.rtfx_range
+        return {"level": self.level, "servable": self.servable, "wer_oneshot": self.wer_oneshot,
+                "wer_live": self.wer_live, "wer_shipped": self.shipped.wer, "cer_shipped": self.shipped.cer,
+                "nonzero_params": self.shipped.nonzero_params, "rtfx": self.shipped.rtfx,
+                "rtfx_range": list(span) if span is not None else None}
+
+
+def demo_tables(rows: Sequence[DemoRow], shipped: EvaluationReport, files: dict[str, Any], live_column: str,
                 notes: Sequence[str]) -> list[Table]:
-    """The demo's result: WER one-shot / shipped bundle / live fine-tune per level, and the files it wrote.
+    """The demo's result: WER one-shot / shipped bundle / live fine-tune per level, the shipped bundle's speed
+    (RTFx range and, where the ranges do not overlap, the ratio to dense), and the files it wrote.
 
     A row whose ``servable`` is false is labelled "not servable"; ``notes`` become the table's caption lines.
     """
-    table = Table(title=f"WER % per level on {utterances} embedded test utterances (speakers unseen in training)",
-                  title_justify="left", caption="\n".join(notes), caption_justify="left")
-    for column in ("level", "one-shot", "shipped bundle", "CER % shipped", live_column, "nonzero params", "RTFx"):
+    versus = compares_speed(shipped)
+    note = timing_note(shipped, "RTFx of the shipped bundle")
+    table = Table(title=f"WER % per level on {shipped.data.utterances} embedded test utterances (speakers unseen in "
+                        "training)", title_justify="left", caption="\n".join([*notes, *([note] if note else [])]),
+                  caption_justify="left")
+    for column in ("level", "one-shot", "shipped bundle", "CER % shipped", live_column, "nonzero params", "RTFx",
+                   *(("vs dense",) if versus else ())):
         table.add_column(column, justify="left" if column == "level" else "right")
     for row in rows:
-        label = level_label(row["level"]) + ("" if row["servable"] else " (not servable)")
-        live = "not trained" if row["wer_live"] is None else f"{100 * row['wer_live']:.2f}"
-        table.add_row(label, f"{100 * row['wer_oneshot']:.2f}", f"{100 * row['wer_shipped']:.2f}",
-                      f"{100 * row['cer_shipped']:.2f}", live, f"{row['nonzero_params']:,}",
-                      f"{row['rtfx']:.1f}" if row["rtfx"] else "-")
+        label = level_label(row.level) + ("" if row.servable else " (not servable)")
+        live = "not trained" if row.wer_live is None else f"{100 * row.wer_live:.2f}"
+        table.add_row(label, f"{100 * row.wer_oneshot:.2f}", f"{100 * row.shipped.wer:.2f}",
+                      f"{100 * row.shipped.cer:.2f}", live, f"{row.shipped.nonzero_params:,}",
+                      rtfx_text(shipped, row.shipped),
+                      *((versus_dense_text(shipped, row.shipped),) if versus else ()))
     listing = Table(title="files", title_justify="left", show_header=False)
     for name, path in files.items():
         listing.add_row(name, str(path))
     return [table, listing]
 
 
-def demo_markdown(sections: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """The demo's reports as Markdown: one ``## title`` section with the evaluation table per report."""
-    return "\n".join(f"## {title}\n\n{evaluation_markdown(report)}" for title, report in sections)
+def demo_markdown(sections: Sequence[tuple[str, EvaluationReport]]) -> str:
+    """The demo's reports as Markdown: one ``## title`` section with the evaluation table per report; RTFx only
+    for the reports timed in several passes (one pass gives a figure with no spread, which misleads)."""
+    return "\n".join(f"## {title}\n\n{evaluation_markdown(report, speed=_ranged(report))}"
+                     for title, report in sections)
