@@ -118,7 +118,8 @@ def evaluate(model: Path, data: Path, out: Path, audio_ctx: int | None = None) -
         report = out.with_suffix(".report.json")
         report.parent.mkdir(parents=True, exist_ok=True)
         extra = [] if audio_ctx is None else ["--audio-ctx", str(audio_ctx)]
-        dsnn("evaluate", str(model), "--data", str(data), "--normalizer", "whisper", "--skip-bad", "--json",
+        dsnn("evaluate", str(model), "--data", str(data), "--normalizer", "whisper", "--skip-bad", "--repeats", "1",
+             "--json",
              str(report), "--details", *extra)
         full = json.loads(report.read_text())
         return {"model": str(model), "data": str(data), "audio_ctx": audio_ctx,

@@ -229,6 +229,11 @@ def test_profile_bundles_load_and_finetune_keeps_their_record(tiny_model: TinyMo
     for k, level in enumerate([0.5, 0.7]):
         mean = sum(record["blocks"][b][k] * sizes[b] for b in sizes) / sum(sizes.values())
         assert mean == pytest.approx(level, abs=0.01)
+    code, out_text, _ = run_cli(capsys, "inspect", out, "--json")
+    shown = json.loads(out_text)["pruning"]
+    assert (shown["method"], shown["profile"], shown["blocks"]) == ("wanda", profile, record["blocks"])
+    assert shown["calibration"]["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert f"profile {profile}, calibration 4 clips" in run_cli(capsys, "inspect", out).out
     tuned = tmp_path / "tuned.safetensors"
     code, _, err = run_cli(capsys, "finetune", out, "--data", MANIFEST, "--steps", "1", "-o", tuned)
     assert code == 0, err

@@ -433,6 +433,16 @@ def test_audio_ctx_shortens_the_encoder_context(whisper, tmp_path, capsys):
     code, out, err = run_cli(capsys, "transcribe", whisper.bundle, DATA / "audio" / LONG_CLIP, "--audio-ctx", "100")
     assert code == 0, err
     assert out.split("\t", 1)[1].strip() == " ".join(p for p in pieces if p)
+    # evaluate scores it the same way and says which utterances were chunked
+    long_report = tmp_path / "long.json"
+    code, _, err = run_cli(capsys, "evaluate", whisper.bundle, "--data", MANIFEST, "--audio-ctx", "100", "--levels",
+                           "0", "--normalizer", "none", "--details", "--repeats", "1", "--json", long_report)
+    assert code == 0, err
+    assert "1 utterance(s) longer than the model's 2 s window were decoded in 2 chunks" in err
+    long = json.loads(long_report.read_text())
+    assert long["long_form"] == {"window_seconds": 2.0, "utterances": ["test-00001"], "chunks": 2}
+    row = next(u for u in long["utterances"] if u["id"] == "test-00001")
+    assert row["hypotheses"]["0"] == " ".join(p for p in pieces if p)
 
 
 def test_finetune_with_audio_ctx_keeps_the_source_tensors(whisper, tmp_path, capsys):

@@ -273,6 +273,12 @@ def evaluate(
             err.print(f"skipped {len(report.skipped)} utterance(s): "
                       + ", ".join(s.id for s in report.skipped[:10])
                       + (" ..." if len(report.skipped) > 10 else ""))
+        if report.long_form is not None:
+            long = report.long_form
+            err.print(f"note: {len(long.utterances)} utterance(s) longer than the model's {long.window_seconds:g} s "
+                      f"window were decoded in {long.chunks} chunks (cut at pauses): "
+                      + ", ".join(long.utterances[:10]) + (" ..." if len(long.utterances) > 10 else ""),
+                      highlight=False)
     failure = gate_failure(report.gates)
     if failure is not None:
         raise failure

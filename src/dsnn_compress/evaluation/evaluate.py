@@ -29,6 +29,7 @@ from .results import (
     KernelsSummary,
     KernelUse,
     LevelResult,
+    LongForm,
     ModelInfo,
     SkippedUtterance,
     Timing,
@@ -160,6 +161,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, options: EvaluateOpt
         kernels=_kernels_summary(loaded), timing=Timing(opts.repeats, sum(len(batches[b]) for b in runs.timed)),
         tool=tool_metadata(),
     )
+    report.long_form = long_form_record(loaded, data, runs.chunks)
     if not all(entry.trained for entry in results):
         report.continuous_levels = ContinuousLevels(SCORE, loaded.sparsity.allocation if loaded.sparsity else None)
     if opts.details:
@@ -169,6 +171,18 @@ def evaluate(model_path: str | Path, data_path: str | Path, options: EvaluateOpt
         ]
     report.gates = check_gates(results, opts.max_wer, opts.max_wer_increase)
     return report
+
+
+def long_form_record(loaded: LoadedModel, data: PreparedData, chunks: int) -> LongForm | None:
+    """The utterances longer than the model's window (a Whisper encoder context), which it decoded in ``chunks``
+    chunks; None when every utterance fitted (or the model has no window)."""
+    window = getattr(loaded.adapter, "context_samples", None)
+    if window is None:
+        return None
+    long = tuple(uid for uid, wave in zip(data.ids, data.waveforms, strict=True) if wave.shape[0] > window)
+    if not long:
+        return None
+    return LongForm(round(window / loaded.adapter.sample_rate, 3), long, chunks)
 
 
 def _kernels_summary(loaded: LoadedModel) -> KernelsSummary:
@@ -191,6 +205,7 @@ class _LevelRuns:
         self.hypotheses: dict[float, list[str]] = {}
         self.passes: dict[float, list[float]] = {}
         self.scored: dict[float, tuple[int, KernelUse, int]] = {}  # nonzero params, kernels, capped decodes
+        self.chunks = 0  # chunks of the utterances longer than the model's window (long-form decoding)
 
     def run(self, levels: Sequence[float], repeats: int) -> None:
         """Pass 1 decodes every batch at every level (transcripts and timing), passes 2.. the timed batches."""
@@ -200,9 +215,12 @@ class _LevelRuns:
                 self.loaded.set_level(level)  # not timed: compact swaps the adapter, sparse kernels rebuild CSR
                 if index == 0:
                     self.loaded.adapter.capped_decodes = 0
+                    if hasattr(self.loaded.adapter, "chunks_decoded"):
+                        self.loaded.adapter.chunks_decoded = 0
                     seconds = self._decode(range(len(self.batches)), f"level {level_label(level)}",
                                            self.hypotheses.setdefault(level, [""] * len(self.data.ids)))
                     report = self.loaded.kernel_report()
+                    self.chunks = getattr(self.loaded.adapter, "chunks_decoded", 0)
                     self.scored[level] = (self.loaded.nonzero_params(),
                                           KernelUse(report["mode"], tuple(report["layers"])),
                                           self.loaded.adapter.capped_decodes)

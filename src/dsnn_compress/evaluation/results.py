@@ -181,6 +181,20 @@ class ContinuousLevels:
 
 
 @dataclass(frozen=True)
+class LongForm:
+    """Utterances longer than the model's window (Whisper's encoder context), decoded in chunks, never truncated."""
+
+    window_seconds: float
+    utterances: tuple[str, ...]
+    chunks: int
+    """Chunks they were decoded in (at every level: the same audio, the same cuts)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"window_seconds": self.window_seconds, "utterances": list(self.utterances), "chunks": self.chunks}
+
+
+@dataclass(frozen=True)
 class Timing:
     """How RTFx was measured: ``repeats`` interleaved passes over the levels, each decoding ``timed_utterances``."""
 
@@ -217,6 +231,8 @@ class EvaluationReport:
     timing: Timing | None = None
     """None in reports written before repeated timing (one pass per level, level after level)."""
     continuous_levels: ContinuousLevels | None = None
+    long_form: LongForm | None = None
+    """Present when some utterance was longer than the model's window (decoded in chunks)."""
     utterances: list[UtteranceResult] | None = None
     """Per utterance transcripts (``--details``)."""
     tool: dict[str, str] = field(default_factory=dict)
@@ -248,6 +264,8 @@ class EvaluationReport:
             out["timing"] = self.timing.to_dict()
         if self.continuous_levels is not None:
             out["continuous_levels"] = self.continuous_levels.to_dict()
+        if self.long_form is not None:
+            out["long_form"] = self.long_form.to_dict()
         if self.utterances is not None:
             out["utterances"] = [u.to_dict() for u in self.utterances]
         return out
@@ -289,6 +307,7 @@ def _report_from_dict(data: Mapping[str, Any]) -> EvaluationReport:
         raise TypeError("'levels' is not a list")
     kernels = data.get("kernels") or {}
     timing, utterances, continuous = data.get("timing"), data.get("utterances"), data.get("continuous_levels")
+    long_form = data.get("long_form")
     model, source = data["model"], data["data"]
     return EvaluationReport(
         model=ModelInfo(str(model["path"]), str(model["kind"]), str(model["family"]), bool(model.get("compact"))),
@@ -303,6 +322,9 @@ def _report_from_dict(data: Mapping[str, Any]) -> EvaluationReport:
         timing=None if timing is None else Timing(int(timing["repeats"]), int(timing["timed_utterances"])),
         continuous_levels=None if continuous is None else ContinuousLevels(str(continuous["score"]),
                                                                            continuous.get("allocation")),
+        long_form=None if long_form is None else LongForm(float(long_form["window_seconds"]),
+                                                          tuple(str(u) for u in long_form["utterances"]),
+                                                          int(long_form["chunks"])),
         utterances=None if utterances is None else [
             UtteranceResult(str(u["id"]), str(u["reference"]), dict(u["hypotheses"])) for u in utterances],
         tool=dict(data.get("tool", {})), schema=str(data.get("schema", REPORT_SCHEMA)),

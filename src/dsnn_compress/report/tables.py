@@ -62,8 +62,34 @@ def inspect_report(bundle: Bundle, file_size: int | None = None) -> dict[str, An
         "evaluation": meta.get("evaluation"),
         "integrity": bundle.integrity,
         "granularity": "structured" if bundle.structured is not None else "weight",
+        "pruning": pruning_summary(meta.get("pruning")),
         **({"structured": structured_report(bundle)} if bundle.structured is not None else {}),
     }
+
+
+def pruning_summary(pruning: Any) -> dict[str, Any]:
+    """How the bundle's weights were scored: method, comparison, profile, calibration (magnitude when unrecorded)."""
+    if not isinstance(pruning, dict):
+        return {"method": "magnitude", "profile": "uniform"}
+    keys = ("method", "allocation", "profile", "calibration", "blocks", "owl", "magnitude_scored")
+    out = {k: pruning[k] for k in keys if k in pruning}
+    if isinstance(pruning.get("sensitivity"), dict):
+        out["sensitivity"] = {k: v for k, v in pruning["sensitivity"].items() if k != "costs"}
+    return out
+
+
+def pruning_line(summary: dict[str, Any]) -> str:
+    """One line: ``scores: wanda (per-row), profile sensitivity, calibration 64 clips (sha256 ...) of M``."""
+    text = f"scores: {summary.get('method', 'magnitude')}"
+    if summary.get("allocation"):
+        text += f" ({summary['allocation']})"
+    if summary.get("profile", "uniform") != "uniform":
+        text += f", profile {summary['profile']}"
+    calibration = summary.get("calibration")
+    if isinstance(calibration, dict):
+        text += (f", calibration {calibration.get('utterances')} clips, {calibration.get('seconds')} s of "
+                 f"{calibration.get('manifest')} (sha256 {str(calibration.get('sha256'))[:12]}…)")
+    return text
 
 
 def levels_table(report: dict[str, Any], title: str) -> Table:
@@ -119,6 +145,7 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
     if source:
         console.print(f"source: {source.get('file')} (sha256 {str(source.get('sha256'))[:12]}…, {source.get('kind')})")
     console.print(f"checksums: {_INTEGRITY_TEXT.get(report.get('integrity'), report.get('integrity'))}")
+    console.print(pruning_line(report.get("pruning") or {}), highlight=False)
     if report.get("model"):
         console.print(f"model: {report['model'].get('family')}")
     console.print(levels_table(report, "levels"))
@@ -277,6 +304,10 @@ def evaluation_markdown(report: EvaluationReport, speed: bool = True) -> str:
     if _bounded(report):
         capped = ", ".join(f"{level_label(e.level)}: {e.decodes_capped}" for e in report.levels)
         lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]
+    if report.long_form is not None:
+        long = report.long_form
+        lines += ["", f"Decoded in {long.chunks} chunks (longer than the model's {long.window_seconds:g} s window, cut "
+                      f"at pauses): {', '.join(f'`{u}`' for u in long.utterances)}."]
     if report.skipped:
         lines += ["", f"Skipped {len(report.skipped)} utterance(s):", ""]
         lines += [f"- `{s.id}`: {s.reason}" for s in report.skipped]
