@@ -112,6 +112,18 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DsnnError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _json_records(path: Path, hint: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON object on each non-blank line, with its number; DsnnError naming the line (and ``hint``) otherwise."""
+    for lineno, line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DsnnError(f"{path}:{lineno}: not valid JSON ({exc.msg})", hint=hint) from None
+        if not isinstance(record, dict):
+            raise DsnnError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}", hint=hint)
+        yield lineno, record
+
+
 def _number(value: Any, key: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DsnnError(f"{source}: '{key}' must be a number, got {value!r}")
@@ -168,20 +180,8 @@ def _assign_ids(entries: list[_Entry]) -> list[Utterance]:
 def _read_nemo(path: Path) -> list[Utterance]:
     base = path.parent
     entries = []
-    for lineno, line in _lines(path):
+    for lineno, record in _json_records(path, "a NeMo manifest holds one JSON object per line"):
         source = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DsnnError(
-                f"{source}: not valid JSON ({exc.msg})",
-                hint="a NeMo manifest holds one JSON object per line",
-            ) from None
-        if not isinstance(record, dict):
-            raise DsnnError(
-                f"{source}: expected a JSON object, got {type(record).__name__}",
-                hint="a NeMo manifest holds one JSON object per line",
-            )
         for key in ("audio_filepath", "text"):
             if key not in record:
                 hint = "each line needs 'audio_filepath' and 'text'"
@@ -319,17 +319,7 @@ def _audiofolder_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except csv.Error as exc:
             raise DsnnError(f"{path}: malformed CSV ({exc})") from None
         return
-    for lineno, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DsnnError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg})",
-                hint="metadata.jsonl holds one JSON object per line",
-            ) from None
-        if not isinstance(record, dict):
-            raise DsnnError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+    yield from _json_records(path, "metadata.jsonl holds one JSON object per line")
 
 
 def _read_audiofolder(path: Path) -> list[Utterance]:
