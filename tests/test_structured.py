@@ -178,10 +178,10 @@ def test_set_level_runs_views_without_copying(structured: Path) -> None:
     assert all(params[n].data_ptr() == pointers[n] and torch.equal(params[n], values[n]) for n in params)
 
 
+@pytest.mark.parametrize("structured", ["conformer-ctc"], indirect=True)
 def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kernels(structured: Path) -> None:
     loaded = load_model(structured)
-    if not isinstance(loaded.sparsity, StructuredViews):
-        pytest.skip("this family switches structured levels by masks")
+    assert isinstance(loaded.sparsity, StructuredViews)  # conformer-ctc runs its levels on views of the weights
     between = (LEVELS[0] + LEVELS[1]) / 2
     with pytest.raises(UsageError, match="not in this bundle"):
         loaded.set_level(between)
@@ -189,6 +189,15 @@ def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kerne
     for mode in ("sparse", "auto"):
         with pytest.raises(UsageError, match="structured bundle"):
             load_model(structured, kernels=mode)
+
+
+@pytest.mark.parametrize("structured", ["lstm-ctc"], indirect=True)
+def test_lstm_structured_levels_switch_by_masks(structured: Path) -> None:
+    loaded = load_model(structured)
+    assert not isinstance(loaded.sparsity, StructuredViews)  # lstm-ctc has no views: its levels are masks
+    loaded.set_level(LEVELS[1])
+    torch.testing.assert_close(_forward(loaded.adapter.model), _forward(adapter_at(structured, LEVELS[1]).model),
+                               rtol=0, atol=1e-5)
 
 
 def test_compact_evaluation_reports_the_smaller_model(structured: Path) -> None:
@@ -223,7 +232,18 @@ def test_inspect_shows_what_each_level_keeps(structured: Path, capsys: pytest.Ca
         assert entry["kept"] == {"dense": entry["count"], "0.5": int((codes >= 1).sum()),
                                  "0.7": int((codes >= 2).sum())}
     code, out, _ = run_cli(capsys, "inspect", structured)
-    assert "structures kept per level" in out
+    assert code == 0
+    table = out[out.index("structures kept per level"):]
+    rows = [[cell.strip() for cell in line.strip("│").split("│")]
+            for line in table.splitlines() if line.startswith("│")]
+    expected, totals = [], {}
+    for spec in bundle.structured.specs:  # a row per set: name, kind and what dense, 0.5 and 0.7 keep
+        codes = bundle.structured.codes[spec.name]
+        kept = [spec.count, int((codes >= 1).sum()), int((codes >= 2).sum())]
+        expected.append([spec.name, spec.kind, *map(str, kept)])
+        totals[spec.kind] = [a + b for a, b in zip(totals.get(spec.kind, [0, 0, 0]), kept, strict=True)]
+    expected += [["all", kind, *map(str, kept)] for kind, kept in sorted(totals.items())]
+    assert rows == expected
 
 
 def test_lstm_global_levels_are_refused_for_compact_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
