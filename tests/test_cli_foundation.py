@@ -413,3 +413,12 @@ def test_console_script_end_to_end(tmp_path: Path, dense_checkpoint: Path) -> No
     result = dsnn("inspect", dense_checkpoint)
     assert result.code == 1 and result.out == ""
     assert_one_error_line(result.err, "is not a DSNN bundle")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "transcribe"])
+def test_help_names_every_model_the_command_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "MODEL <path> A DSNN bundle or checkpoint, or a model directory (Hugging Face CTC or Whisper, " \
+           "faster-whisper)." in text
