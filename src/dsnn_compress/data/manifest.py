@@ -177,6 +177,19 @@ def _assign_ids(entries: list[_Entry]) -> list[Utterance]:
 # ------------------------------------------------------------------------------------------- NeMo
 
 
+def _json_entry(record: dict[str, Any], audio_path: Path, text: str, source: str, lineno: int) -> _Entry:
+    """The entry of a JSON record (NeMo line or audiofolder row): its optional id, duration and offset read."""
+    return _Entry(
+        explicit_id=_explicit_id(record, source),
+        audio_path=audio_path,
+        text=text,
+        duration=_optional_number(record, "duration", source),
+        offset=_optional_number(record, "offset", source) or 0.0,
+        source=source,
+        lineno=lineno,
+    )
+
+
 def _read_nemo(path: Path) -> list[Utterance]:
     base = path.parent
     entries = []
@@ -193,17 +206,7 @@ def _read_nemo(path: Path) -> list[Utterance]:
             raise DsnnError(f"{source}: 'audio_filepath' must be a non-empty string, got {audio!r}")
         if not isinstance(text, str):
             raise DsnnError(f"{source}: 'text' must be a string, got {text!r}")
-        entries.append(
-            _Entry(
-                explicit_id=_explicit_id(record, source),
-                audio_path=_resolve(base, audio),
-                text=text,
-                duration=_optional_number(record, "duration", source),
-                offset=_optional_number(record, "offset", source) or 0.0,
-                source=source,
-                lineno=lineno,
-            )
-        )
+        entries.append(_json_entry(record, _resolve(base, audio), text, source, lineno))
     return _assign_ids(entries)
 
 
@@ -341,15 +344,5 @@ def _read_audiofolder(path: Path) -> list[Utterance]:
             text = ""
         if not isinstance(text, str):
             raise DsnnError(f"{source}: '{column}' must be a string, got {text!r}")
-        entries.append(
-            _Entry(
-                explicit_id=_explicit_id(record, source),
-                audio_path=_resolve(base, file_name.strip()),
-                text=text,
-                duration=_optional_number(record, "duration", source),
-                offset=_optional_number(record, "offset", source) or 0.0,
-                source=source,
-                lineno=lineno,
-            )
-        )
+        entries.append(_json_entry(record, _resolve(base, file_name.strip()), text, source, lineno))
     return _assign_ids(entries)
