@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers import single_torch_thread
+from helpers import random_state_dict, single_torch_thread, write_checkpoint
 
 # The tiny trained ASR model and its bundle: registered once here, so the session builds them once for every module.
 pytest_plugins = ["asr_fixtures"]
@@ -20,3 +21,9 @@ def one_torch_thread() -> Iterator[None]:
     """
     with single_torch_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only dense checkpoint of ``helpers.random_state_dict(0)``, shared by the session's tests."""
+    return write_checkpoint(tmp_path_factory.mktemp("dense") / "dense.safetensors", random_state_dict(0))

@@ -1,5 +1,6 @@
 """Shared test helpers: the ``dsnn`` runners (in this process and in a child process), the one-error-line check,
-a one-thread torch block, random state dicts, checkpoint files and a tie-aware pruning oracle."""
+a structured ``dsnn prune``, a one-thread torch block, random state dicts, checkpoint files and a tie-aware pruning
+oracle."""
 
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def assert_usage_error(result: CliResult, *fragments: str) -> str:
     """Exit code 2 and one ``error: ...`` line holding every fragment; returns the line."""
     assert result.code == 2, result.err
     return assert_one_error_line(result.err, *fragments)
+
+
+def prune_structured(capsys: pytest.CaptureFixture[str], source: Path, out: Path, levels: Sequence[float],
+                     allocation: str = "per-layer", *extra: object) -> Path:
+    """``dsnn prune SOURCE --granularity structured`` at ``levels`` to ``out``, checked to succeed; returns ``out``."""
+    result = run_cli(capsys, "prune", source, "--granularity", "structured", "--allocation", allocation,
+                     "--levels", ",".join(map(str, levels)), "-o", out, *extra)
+    assert result.code == 0, result.err
+    return out
 
 
 PYTHON_M_DSNN = (sys.executable, "-m", "dsnn_compress")

@@ -30,20 +30,14 @@ def raw(t: torch.Tensor) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def source_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A read-only dense checkpoint shared by the module's tests."""
-    return write_checkpoint(tmp_path_factory.mktemp("src") / "dense.safetensors", random_state_dict(0))
-
-
-@pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory: pytest.TempPathFactory, source_path: Path) -> Path:
-    """A read-only bundle of ``source_path`` at LEVELS."""
+def bundle_path(tmp_path_factory: pytest.TempPathFactory, dense_checkpoint: Path) -> Path:
+    """A read-only bundle of ``dense_checkpoint`` at LEVELS."""
     out = tmp_path_factory.mktemp("bundle") / "bundle.safetensors"
-    prune_checkpoint(source_path, out, PruneOptions(LEVELS))
+    prune_checkpoint(dense_checkpoint, out, PruneOptions(LEVELS))
     return out
 
 
-def test_round_trip_is_bit_identical(source_path: Path, bundle_path: Path) -> None:
+def test_round_trip_is_bit_identical(dense_checkpoint: Path, bundle_path: Path) -> None:
     state = random_state_dict(0)
     bundle = load_bundle(bundle_path)
     assert bundle.levels == LEVELS and bundle.all_levels == (0.0, *LEVELS) and bundle.bits == 2
@@ -60,7 +54,7 @@ def test_round_trip_is_bit_identical(source_path: Path, bundle_path: Path) -> No
         assert bundle.codes[name].dtype == torch.uint8
         assert torch.equal(bundle.codes[name], expected[name]), name
     assert bundle.metadata["allocation"] == "per-layer"
-    assert bundle.metadata["source"]["sha256"] == open_source(source_path).sha256
+    assert bundle.metadata["source"]["sha256"] == open_source(dense_checkpoint).sha256
     assert bundle.metadata["source"]["file"] == "dense.safetensors"
 
 
@@ -114,9 +108,9 @@ def test_independent_numpy_decoder_reproduces_every_level(tmp_path: Path) -> Non
         assert sum(int((c < k).sum()) for c in codes.values()) == round(s * total)
 
 
-def test_identical_inputs_give_identical_bytes(tmp_path: Path, source_path: Path) -> None:
-    prune_checkpoint(source_path, tmp_path / "a.safetensors", PruneOptions(LEVELS))
-    prune_checkpoint(source_path, tmp_path / "b.safetensors", PruneOptions(LEVELS))
+def test_identical_inputs_give_identical_bytes(tmp_path: Path, dense_checkpoint: Path) -> None:
+    prune_checkpoint(dense_checkpoint, tmp_path / "a.safetensors", PruneOptions(LEVELS))
+    prune_checkpoint(dense_checkpoint, tmp_path / "b.safetensors", PruneOptions(LEVELS))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     state = random_state_dict(2)
     write_safetensors(tmp_path / "x.safetensors", state, {"k": "v"})
@@ -248,17 +242,17 @@ def test_load_rejects_corrupt_bundle(tmp_path: Path, bundle_path: Path, case: st
     assert info.value.exit_code == 1
 
 
-def test_load_rejects_code_values_above_level_count(tmp_path: Path, source_path: Path) -> None:
+def test_load_rejects_code_values_above_level_count(tmp_path: Path, dense_checkpoint: Path) -> None:
     # Two levels use 2-bit codes, so the value 3 fits in the stream but means nothing.
     good = tmp_path / "two.safetensors"
-    prune_checkpoint(source_path, good, PruneOptions((0.5, 0.8)))
+    prune_checkpoint(dense_checkpoint, good, PruneOptions((0.5, 0.8)))
     assert int(load_bundle(good).codes["enc.ff.weight"].max()) == 2
     bad = rewrite(good, tmp_path / "bad.safetensors", tensors_fn=set_code("enc.ff.weight", 5, 3, 2))
     with pytest.raises(DsnnError, match="exceed 2 levels"):
         load_bundle(bad, verify=False)
 
 
-def test_load_rejects_stray_padding_bits(tmp_path: Path, source_path: Path) -> None:
+def test_load_rejects_stray_padding_bits(tmp_path: Path, dense_checkpoint: Path) -> None:
     # 9 weights at 1 bit fill 2 bytes; bits 1..7 of the last byte are padding and must be zero.
     tensors = {"w.weight": torch.randn(3, 3)}
     path = save_bundle(Bundle(tensors, compute_codes(tensors, (0.5,)), (0.5,)), tmp_path / "odd.safetensors")
@@ -272,13 +266,13 @@ def test_load_rejects_stray_padding_bits(tmp_path: Path, source_path: Path) -> N
         load_bundle(rewrite(path, tmp_path / "bad.safetensors", tensors_fn=set_padding), verify=False)
 
 
-def test_load_rejects_plain_checkpoint_and_missing_file(tmp_path: Path, source_path: Path) -> None:
+def test_load_rejects_plain_checkpoint_and_missing_file(tmp_path: Path, dense_checkpoint: Path) -> None:
     with pytest.raises(DsnnError, match="not a DSNN bundle"):
-        load_bundle(source_path)
+        load_bundle(dense_checkpoint)
     with pytest.raises(DsnnError, match="does not exist"):
         load_bundle(tmp_path / "missing.safetensors")
     truncated = tmp_path / "cut.safetensors"
-    truncated.write_bytes(source_path.read_bytes()[:100])
+    truncated.write_bytes(dense_checkpoint.read_bytes()[:100])
     with pytest.raises(DsnnError, match="not a readable safetensors"):
         load_bundle(truncated)
 

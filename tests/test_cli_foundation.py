@@ -35,16 +35,10 @@ TOTAL_FLOAT_PARAMS = 920  # every floating-point tensor of random_state_dict(); 
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A read-only source checkpoint shared by the module's tests."""
-    return write_checkpoint(tmp_path_factory.mktemp("src") / "dense.safetensors", random_state_dict(0))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, dense: Path) -> Path:
-    """A read-only bundle of ``dense`` at LEVELS, shared by the module's tests."""
+def bundle(tmp_path_factory: pytest.TempPathFactory, dense_checkpoint: Path) -> Path:
+    """A read-only bundle of ``dense_checkpoint`` at LEVELS, shared by the module's tests."""
     out = tmp_path_factory.mktemp("bundle") / "bundle.safetensors"
-    assert main(["prune", str(dense), "--levels", LEVELS, "-o", str(out)]) == 0
+    assert main(["prune", str(dense_checkpoint), "--levels", LEVELS, "-o", str(out)]) == 0
     return out
 
 
@@ -55,9 +49,9 @@ def expected_pruned(level: float) -> int:
 # ---------------------------------------------------------------- happy path
 
 
-def test_prune_prints_level_table(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_prints_level_table(tmp_path: Path, dense_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
-    code, stdout, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
+    code, stdout, err = run_cli(capsys, "prune", dense_checkpoint, "--levels", LEVELS, "-o", out)
     assert code == 0 and err == ""
     assert f"wrote {out}" in stdout and "6 pruned tensors" in stdout
     assert re.search(r"dense\s*│\s*0\.00 %", stdout)
@@ -67,17 +61,19 @@ def test_prune_prints_level_table(tmp_path: Path, dense: Path, capsys: pytest.Ca
     assert sorted(load_bundle(out).codes) == DEFAULT_PRUNED
 
 
-def test_prune_records_its_own_command_line(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_records_its_own_command_line(tmp_path: Path, dense_checkpoint: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
-    args = ["prune", str(dense), "--levels", LEVELS, "-o", str(out), "--allocation", "global"]
+    args = ["prune", str(dense_checkpoint), "--levels", LEVELS, "-o", str(out), "--allocation", "global"]
     assert run_cli(capsys, *args, "--debug")[0] == 0
     bundle = load_bundle(out)
     assert bundle.metadata["command"] == ["dsnn", *args]
     assert bundle.metadata["allocation"] == "global"
 
 
-def test_prune_json(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, _ = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", tmp_path / "b.safetensors", "--json")
+def test_prune_json(tmp_path: Path, dense_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = run_cli(capsys, "prune", dense_checkpoint, "--levels", LEVELS, "-o", tmp_path / "b.safetensors",
+                              "--json")
     assert code == 0
     report = json.loads(stdout)
     assert [e["pruned"] for e in report["levels"]] == [0, *(expected_pruned(s) for s in (0.5, 0.7, 0.9))]
@@ -172,14 +168,15 @@ def test_export_dense_level_equals_source(tmp_path: Path, bundle: Path, capsys: 
     check_export(torch.load(out_pt, weights_only=True), bundle, 3)
 
 
-def test_force_overwrites_existing_output(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_force_overwrites_existing_output(tmp_path: Path, dense_checkpoint: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b.safetensors"
     out.write_bytes(b"old contents")
-    code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", out)
+    code, _, err = run_cli(capsys, "prune", dense_checkpoint, "--levels", LEVELS, "-o", out)
     assert code == 2
     assert_one_error_line(err, "already exists")
     assert out.read_bytes() == b"old contents"
-    code, _, err = run_cli(capsys, "prune", dense, "--levels", "0.6", "-o", out, "--force")
+    code, _, err = run_cli(capsys, "prune", dense_checkpoint, "--levels", "0.6", "-o", out, "--force")
     assert code == 0, err
     assert load_bundle(out).levels == (0.6,)
     exported = tmp_path / "e.pt"
@@ -315,14 +312,15 @@ def test_failed_prune_with_force_leaves_existing_output(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_unwritable_output_directory(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_directory(tmp_path: Path, dense_checkpoint: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running with privileges that ignore directory permissions")
-        code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
+        code, _, err = run_cli(capsys, "prune", dense_checkpoint, "--levels", LEVELS, "-o", locked / "b.safetensors")
         assert code == 1
         assert_one_error_line(err, "not writable")
         assert list(locked.iterdir()) == []
@@ -331,14 +329,14 @@ def test_unwritable_output_directory(tmp_path: Path, dense: Path, capsys: pytest
 
 
 def test_unwritable_output_directory_reported_before_work(
-    tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, dense_checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Works as root too: pretend the directory is read-only for the access check.
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
-    code, _, err = run_cli(capsys, "prune", dense, "--levels", LEVELS, "-o", locked / "b.safetensors")
+    code, _, err = run_cli(capsys, "prune", dense_checkpoint, "--levels", LEVELS, "-o", locked / "b.safetensors")
     assert code == 1
     assert_one_error_line(err, f"output directory {locked} is not writable")
     assert list(locked.iterdir()) == []
@@ -368,9 +366,10 @@ def test_export_failures(
 
 
 @pytest.mark.parametrize("command", ["inspect", "export"])
-def test_non_bundle_inputs(tmp_path: Path, dense: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+def test_non_bundle_inputs(tmp_path: Path, dense_checkpoint: Path, capsys: pytest.CaptureFixture[str],
+                           command: str) -> None:
     extra = ["--level", "0.5", "-o", str(tmp_path / "x.safetensors")] if command == "export" else []
-    code, _, err = run_cli(capsys, command, dense, *extra)
+    code, _, err = run_cli(capsys, command, dense_checkpoint, *extra)
     assert code == 1
     assert_one_error_line(err, "is not a DSNN bundle")
     code, _, err = run_cli(capsys, command, _truncated(tmp_path), *extra)
@@ -398,12 +397,12 @@ def test_debug_shows_traceback(
 # ---------------------------------------------------------------- the installed entry point
 
 
-def test_console_script_end_to_end(tmp_path: Path, dense: Path) -> None:
+def test_console_script_end_to_end(tmp_path: Path, dense_checkpoint: Path) -> None:
     def dsnn(*args: object):
         return run_dsnn(*args, launcher=console_script(), cwd=tmp_path, timeout=120)
 
     bundle = tmp_path / "b.safetensors"
-    result = dsnn("prune", dense, "--levels", LEVELS, "-o", bundle, "--json")
+    result = dsnn("prune", dense_checkpoint, "--levels", LEVELS, "-o", bundle, "--json")
     assert result.code == 0, result.err
     assert [e["pruned"] for e in json.loads(result.out)["levels"]] == [
         0, *(expected_pruned(s) for s in (0.5, 0.7, 0.9))
@@ -411,6 +410,15 @@ def test_console_script_end_to_end(tmp_path: Path, dense: Path) -> None:
     result = dsnn("inspect", bundle, "--json", "--layers")
     assert result.code == 0, result.err
     assert sorted(json.loads(result.out)["tensors"]) == DEFAULT_PRUNED
-    result = dsnn("inspect", dense)
+    result = dsnn("inspect", dense_checkpoint)
     assert result.code == 1 and result.out == ""
     assert_one_error_line(result.err, "is not a DSNN bundle")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "transcribe"])
+def test_help_names_every_model_the_command_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "MODEL <path> A DSNN bundle or checkpoint, or a model directory (Hugging Face CTC or Whisper, " \
+           "faster-whisper)." in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from asr_fixtures import VOCABULARY, adapter_at, audio_files, copy_manifest, dec
 from helpers import assert_usage_error, run_cli
 from torch import nn
 
+from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.data.audio import load_audio
 from dsnn_compress.data.batch import pad_batch
 from dsnn_compress.errors import UsageError
@@ -152,10 +154,34 @@ def test_sparse_on_a_model_without_a_sparse_path_is_a_usage_error():
         SparseKernels(Tiny(), ["rnn.weight_ih_l0", "rnn.weight_hh_l0"], "sparse")
 
 
-def test_time_kernels_measures_both(monkeypatch):
+def test_time_kernels_estimates_calls_times_the_fastest_repeat(monkeypatch):
+    """On a fake clock each call costs a known time per input row (dense 2, CSR 0.5) and the first timed call of each
+    shape is slowed by noise: the estimate is, over the most frequent shapes only, calls x the fastest repeat, a
+    long input timed on its first rows and scaled up; the warm-up call, the noise and the rarest shape do not count."""
+    now = [0.0]
+    monkeypatch.setattr(kernels_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(kernels_module, "SHAPES_TIMED", 3)
+    monkeypatch.setattr(kernels_module, "TIMING_ROWS", 512)
     layer = nn.Linear(32, 32)
-    dense_s, sparse_s = kernels_module.time_kernels(layer, SparseLinear(layer), Counter({(4, 32): 3, (1, 32): 10}))
-    assert dense_s > 0 and sparse_s > 0
+    sparse = SparseLinear(layer)
+    repeats = 4
+    calls = Counter()
+
+    def clock(cost_per_row: float):
+        def advance(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            calls[id(module)] += 1
+            noise = 1000.0 if calls[id(module)] % (repeats + 1) == 2 else 0.0  # the first timed call of a shape
+            now[0] += cost_per_row * args[0].reshape(-1, 32).shape[0] + noise
+        return advance
+
+    layer.register_forward_hook(clock(2.0))
+    sparse.register_forward_hook(clock(0.5))
+    shapes = Counter({(1, 32): 10, (4, 32): 3, (1000, 32): 2, (7, 32): 1})  # (7, 32): the fourth, not timed
+    dense_s, sparse_s = kernels_module.time_kernels(layer, sparse, shapes, repeats=repeats)
+    assert calls[id(layer)] == calls[id(sparse)] == 3 * (1 + repeats)  # a warm-up and the repeats per timed shape
+    # calls x time per call: 1 row, 4 rows, and 1000 rows timed as 512 and scaled by 1000 / 512
+    assert dense_s == pytest.approx(10 * 2.0 + 3 * 8.0 + 2 * 1024.0 * 1000 / 512)
+    assert sparse_s == pytest.approx(10 * 0.5 + 3 * 2.0 + 2 * 256.0 * 1000 / 512)
 
 
 # ------------------------------------------------------------------------------------- built-in conformer (tiny)
@@ -206,23 +232,37 @@ def test_model_state_is_unchanged_by_sparse_kernels(tiny_model):
     assert sparse.nonzero_params() == dense.nonzero_params()
 
 
-def test_evaluate_reports_sparse_layers_and_the_same_scores(tiny_model, tmp_path):
+def test_evaluate_reports_sparse_layers_and_the_same_scores(tiny_model, tmp_path, monkeypatch):
+    """``auto`` on a fake timer that calls CSR faster by more than the margin for the layers with more outputs than
+    inputs (0.85 of dense) and within it for the others (0.95): exactly those layers run sparse at each sparse level."""
+    def more_outputs(weight: torch.Tensor) -> bool:
+        return weight.shape[0] > weight.shape[1]
+
+    def fake_timing(dense: nn.Module, sparse: SparseLinear, shapes: Counter) -> tuple[float, float]:
+        return 1.0, (0.85 if more_outputs(dense.weight) else 0.95)
+
+    monkeypatch.setattr(kernels_module, "time_kernels", fake_timing)
     manifest = copy_manifest(tmp_path, keep=4)
     dense = evaluate(tiny_model.bundle, manifest, EvaluateOptions(repeats=1))
+    tensors = load_bundle(tiny_model.bundle).tensors
+    with_path: dict[float, list[str]] = {}
     for mode in ("sparse", "auto"):
         report = evaluate(tiny_model.bundle, manifest, EvaluateOptions(kernels=mode, repeats=1))
         assert report.kernels.mode == mode
         total = report.kernels.layers_with_sparse_path
         for got, ref in zip(report.levels, dense.levels, strict=True):
             assert (got.level, got.wer, got.cer) == (ref.level, ref.wer, ref.cer)
-            count = got.kernels.sparse_layers
-            assert count == len(got.kernels.layers)
+            layers = list(got.kernels.layers)
+            assert got.kernels.sparse_layers == len(layers)
             if got.level == 0.0:
-                assert count == 0
+                assert layers == []
             elif mode == "sparse":
-                assert count == total
+                assert len(layers) == total
+                with_path[got.level] = layers
             else:
-                assert 0 <= count <= total
+                wide = [n for n in with_path[got.level] if more_outputs(tensors[f"{n}.weight"])]
+                assert 0 < len(wide) < total  # the fake timing splits the layers
+                assert layers == wide
     assert dense.to_dict()["kernels"] == {"mode": "dense"}
     assert all(e.kernels.sparse_layers == 0 for e in dense.levels)
 

@@ -20,6 +20,7 @@ from whisper_fixtures import build_whisper_dir  # noqa: E402
 from dsnn_compress.data.audio import load_audio  # noqa: E402
 from dsnn_compress.data.batch import pad_batch  # noqa: E402
 from dsnn_compress.prune import PruneOptions, prune_checkpoint  # noqa: E402
+from dsnn_compress.runtime import kernels as kernels_module  # noqa: E402
 from dsnn_compress.runtime.kernels import SparseLinear  # noqa: E402
 from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 
@@ -93,15 +94,26 @@ def test_whisper_auto_times_the_decoder_at_one_row_per_step(bundles):
         assert loaded.adapter.decode(batch) == adapter_at(bundles.whisper, 0.9).decode(batch)
 
 
-def test_default_probe_without_data(bundles):
-    """The runtime API with no probe decodes 5 s of quiet noise to learn the shapes (the HF CTC encoder's frames)."""
+def test_default_probe_without_data(bundles, monkeypatch):
+    """The runtime API with no probe decodes 5 s of quiet noise to learn the shapes (the HF CTC encoder's frames):
+    every layer with a sparse path is timed on them, and with CSR timed faster each of them then runs sparse."""
+    timed: dict[str, set] = {}
+
+    def fake_timing(dense: torch.nn.Module, sparse: SparseLinear, shapes) -> tuple[float, float]:
+        timed[name_of[id(dense)]] = set(shapes)
+        return 1.0, 0.5
+
+    monkeypatch.setattr(kernels_module, "time_kernels", fake_timing)
     loaded = load_model(bundles.hf, kernels="auto")
+    layers = sorted(loaded.kernels.layers)
+    name_of = {id(module): name for name, module in loaded.kernels.layers.items()}
     loaded.set_level(0.9)
     length = 5 * 16000
     config = loaded.adapter.model.config
     for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):  # the feature encoder's frames
         length = (length - kernel) // stride + 1
-    shapes = {shape for counter in loaded.kernels.shapes.values() for shape in counter}
-    assert shapes and {shape[:2] for shape in shapes} == {(1, length)}
-    assert isinstance(loaded.kernel_report()["sparse_layers"], int)
+    assert layers and sorted(timed) == layers
+    assert {shape[:2] for shapes in timed.values() for shape in shapes} == {(1, length)}
+    assert loaded.kernel_report() == {"mode": "auto", "sparse_layers": len(layers), "layers": layers}
+    assert all(isinstance(loaded.adapter.model.get_submodule(name), SparseLinear) for name in layers)
 

@@ -3,8 +3,9 @@
 * every output path is checked before any work, and multi-file outputs (``export --level all``, ``evaluate``'s
   reports, ``finetune``'s result + state + log, ``demo --out``) are all or nothing;
 * a full disk (and any other OS error while writing) is one ``error:`` line naming the output and the cause, exit 1,
-  with nothing left behind: the disk is really full, the kernel's ``/dev/full`` answering our writes (ENOSPC), and
-  in a child process a real file-size limit (EFBIG) reaches writers that do not go through Python's ``open``;
+  with nothing left behind: the disk is really full, the kernel's ``/dev/full`` answering our writes (ENOSPC), a disk
+  that fills up mid-file (a short write, then ENOSPC), and in a child process a real file-size limit (EFBIG) reaches
+  writers that do not go through Python's ``open``;
 * NaN/inf in any tensor makes ``prune`` fail, and ``evaluate``/``transcribe`` refuse such a model;
 * temporary files are named ``.dsnn-tmp-<pid>-<hex>.NAME``, removed by a normal failure, and the stale ones of a
   killed process are removed by the next write to the same output (or ``--resume``), a live writer's kept.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import json
 import os
@@ -41,6 +43,7 @@ from dsnn_compress.atomic import StagedOutputs, atomic_path
 from dsnn_compress.core.bundle import load_bundle, save_bundle
 from dsnn_compress.errors import DsnnError
 from dsnn_compress.training.recipe import apply_overrides, load_recipe
+from dsnn_compress.training.state import TrainState
 from dsnn_compress.training.trainer import finetune, log_path, state_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,6 +95,41 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Path], boo
         def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202 - the signature of open()
             if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") and which(Path(file)):
                 return real_open("/dev/full", mode.replace("x", "w"), *args, **kwargs)
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+
+    return install
+
+
+class FillingFile(io.FileIO):
+    """A file on a disk with ``room`` bytes free, as the kernel writes it: a write past the room is cut short (the
+    bytes that fit are written), the next one fails with ENOSPC."""
+
+    def __init__(self, path: Path, mode: str, room: int) -> None:
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data) -> int:  # noqa: ANN001 - any bytes-like object, as io.FileIO.write takes
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = super().write(memoryview(data).cast("B")[: self.room])
+        self.room -= written
+        return written
+
+
+@pytest.fixture()
+def filling_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Path], bool], int], None]:
+    """``filling_disk(which, room)``: binary files opened for writing whose path satisfies ``which`` fill up after
+    ``room`` bytes, so the disk runs full in the middle of a file (``full_disk`` fails the very first write)."""
+    real_open = builtins.open
+
+    def install(which: Callable[[Path], bool], room: int) -> None:
+        def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202 - the signature of open()
+            if (isinstance(file, (str, os.PathLike)) and "b" in mode and any(c in mode for c in "wax")
+                    and which(Path(file))):
+                return io.BufferedWriter(FillingFile(Path(file), mode.replace("b", "").replace("x", "w"), room))
             return real_open(file, mode, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", fake_open)
@@ -196,6 +234,35 @@ def test_export_on_a_full_disk(tmp_path: Path, tiny_model, fmt: str, capsys: pyt
     code, _, err = run_cli(capsys, "export", tiny_model.bundle, "--level", "0.5", "--format", fmt, "-o", out)
     assert code == 1
     assert_one_error_line(err, f"cannot write {out}: {ENOSPC_LINE}")  # torch: not "[enforce fail at ...]"
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch", "checkpoint"])
+def test_export_on_a_disk_that_fills_up_mid_file(tmp_path: Path, tiny_model, fmt: str,
+                                                 capsys: pytest.CaptureFixture[str], filling_disk) -> None:
+    """The disk runs full half-way through the file (a short write, then ENOSPC): still the one error line. torch's
+    zip writer cannot unwind from such a write and used to say ``[enforce fail at inline_container.cc] unexpected
+    pos``."""
+    reference = tmp_path / "reference.bin"
+    assert run_cli(capsys, "export", tiny_model.bundle, "--level", "0.5", "--format", fmt, "-o", reference).code == 0
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    filling_disk(inside(out_dir), reference.stat().st_size // 2)
+    out = out_dir / "m.bin"
+    code, _, err = run_cli(capsys, "export", tiny_model.bundle, "--level", "0.5", "--format", fmt, "-o", out)
+    assert code == 1
+    assert_one_error_line(err, f"cannot write {out}: {ENOSPC_LINE}")
+    assert listing(out_dir) == []
+
+
+def test_training_state_on_a_disk_that_fills_up_mid_file(tmp_path: Path, filling_disk) -> None:
+    """``TrainState.save`` (torch.save, as ``export --format torch``) on a disk that runs full half-way."""
+    state = TrainState(recipe="{}", model={"w": torch.randn(64, 64)}, codes={}, optimizer={}, step=1, epoch=0,
+                       position=0, **TrainState.rng_states(torch.device("cpu")))
+    filling_disk(inside(tmp_path), 8000)
+    with pytest.raises(DsnnError) as excinfo:
+        state.save(tmp_path / "state.pt")
+    assert excinfo.value.one_line().startswith(f"cannot write {tmp_path / 'state.pt'}: {ENOSPC_LINE}")
     assert listing(tmp_path) == []
 
 
@@ -359,11 +426,20 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("torch", "m.pt"), ("onnx", "m.onnx"), ("safetensors", "m.safetensors")])
-def test_export_over_the_file_size_limit_in_a_child_process(tmp_path: Path, tiny_model, fmt: str, name: str) -> None:
-    """A real OS error (EFBIG) from every writer, those that bypass Python's open() included (torch, ONNX)."""
+@pytest.mark.parametrize("where", ["start", "middle"])
+def test_export_over_the_file_size_limit_in_a_child_process(tmp_path: Path, tiny_model, fmt: str, name: str,
+                                                            where: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real OS error (EFBIG) from every writer, those that bypass Python's open() included (torch, ONNX), with the
+    limit at 4 KiB or half-way through the file (a short write first, then EFBIG)."""
+    limit = 4096
+    if where == "middle":
+        reference = tmp_path / name
+        result = run_cli(capsys, "export", tiny_model.bundle, "--level", "0.5", "--format", fmt, "-o", reference)
+        assert result.code == 0, result.err
+        limit = reference.stat().st_size // 2
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", RLIMIT_CHILD, "4096", "export", str(tiny_model.bundle),
+    proc = subprocess.run([sys.executable, "-c", RLIMIT_CHILD, str(limit), "export", str(tiny_model.bundle),
                            "--level", "0.5", "--format", fmt, "-o", str(out / name)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from asr_fixtures import adapter_at
 from helpers import assert_usage_error, run_cli
 
 from dsnn_compress.core.bundle import load_bundle
@@ -21,7 +22,7 @@ from dsnn_compress.core.groups import (
 from dsnn_compress.core.safetensors_io import read_safetensors, write_safetensors
 from dsnn_compress.errors import DsnnError, UsageError
 from dsnn_compress.export.formats import export_level
-from dsnn_compress.models.registry import FAMILIES, adapter_from_metadata, get_family, new_adapter, register_family
+from dsnn_compress.models.registry import FAMILIES, get_family, new_adapter, register_family
 from dsnn_compress.models.structure import model_groups
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 from dsnn_compress.runtime.runnable import load_model
@@ -56,12 +57,6 @@ def _forward(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         log_probs, out_lengths = model(features, lengths)
     return log_probs * (torch.arange(log_probs.shape[1])[None, :, None] < out_lengths[:, None, None])
-
-
-def _masked_reference(bundle_path: Path, level: float) -> torch.nn.Module:
-    """The bundle's level as a full-size model with the pruned entries zeroed (the per-weight decoder)."""
-    bundle = load_bundle(bundle_path)
-    return adapter_from_metadata(bundle.metadata["model"], bundle.state_dict_at(level)).model.eval()
 
 
 @pytest.fixture(scope="module", params=["conformer-ctc", "lstm-ctc"])
@@ -136,7 +131,7 @@ def test_bundle_codes_are_whole_structures_nested_and_prefix_ordered(structured:
 
 def test_prune_permutation_keeps_the_dense_network(structured: Path) -> None:
     dense = load_checkpoint_adapter(structured.parent / "dense.safetensors").model.eval()
-    assert torch.allclose(_forward(_masked_reference(structured, 0.0)), _forward(dense), atol=1e-5)
+    assert torch.allclose(_forward(adapter_at(structured, 0.0).model), _forward(dense), atol=1e-5)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -147,7 +142,7 @@ def test_exported_checkpoint_is_smaller_and_equals_the_masked_level(structured: 
         pass  # per-layer allocation: one hidden size, so LSTM levels export too
     out = export_level(bundle, level, tmp_path / "small.safetensors", "checkpoint")
     small = load_checkpoint_adapter(out).model.eval()
-    reference = _masked_reference(structured, level)
+    reference = adapter_at(structured, level).model
     full = sum(p.numel() for p in reference.parameters())
     kept = full - sum(int((c < bundle.level_index(level)).sum()) for c in bundle.codes.values())
     assert sum(p.numel() for p in small.parameters()) == kept < 0.6 * full
@@ -164,7 +159,7 @@ def test_onnx_export_of_a_structured_level_is_smaller_and_matches(structured: Pa
     features, lengths = _inputs()
     log_probs, out_lengths = ort.InferenceSession(str(out)).run(
         None, {"features": features.numpy(), "lengths": lengths.numpy()})
-    reference = _forward(_masked_reference(structured, 0.7))
+    reference = _forward(adapter_at(structured, 0.7).model)
     mask = torch.arange(log_probs.shape[1])[None, :, None] < torch.from_numpy(out_lengths)[:, None, None]
     assert torch.allclose(torch.from_numpy(log_probs) * mask, reference, atol=1e-4)
 
@@ -179,16 +174,16 @@ def test_set_level_runs_views_without_copying(structured: Path) -> None:
     values = {n: p.detach().clone() for n, p in loaded.adapter.model.named_parameters()}
     for level in (0.7, 0.5, 0.0, 0.7):
         loaded.set_level(level)
-        assert torch.allclose(_forward(loaded.adapter.model), _forward(_masked_reference(structured, level)),
+        assert torch.allclose(_forward(loaded.adapter.model), _forward(adapter_at(structured, level).model),
                               atol=1e-4)
     params = dict(loaded.adapter.model.named_parameters())
     assert all(params[n].data_ptr() == pointers[n] and torch.equal(params[n], values[n]) for n in params)
 
 
+@pytest.mark.parametrize("structured", ["conformer-ctc"], indirect=True)
 def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kernels(structured: Path) -> None:
     loaded = load_model(structured)
-    if not isinstance(loaded.sparsity, StructuredViews):
-        pytest.skip("this family switches structured levels by masks")
+    assert isinstance(loaded.sparsity, StructuredViews)  # conformer-ctc runs its levels on views of the weights
     between = (LEVELS[0] + LEVELS[1]) / 2
     with pytest.raises(UsageError, match="not in this bundle"):
         loaded.set_level(between)
@@ -196,6 +191,15 @@ def test_view_switched_bundles_serve_trained_levels_only_and_refuse_sparse_kerne
     for mode in ("sparse", "auto"):
         with pytest.raises(UsageError, match="structured bundle"):
             load_model(structured, kernels=mode)
+
+
+@pytest.mark.parametrize("structured", ["lstm-ctc"], indirect=True)
+def test_lstm_structured_levels_switch_by_masks(structured: Path) -> None:
+    loaded = load_model(structured)
+    assert not isinstance(loaded.sparsity, StructuredViews)  # lstm-ctc has no views: its levels are masks
+    loaded.set_level(LEVELS[1])
+    torch.testing.assert_close(_forward(loaded.adapter.model), _forward(adapter_at(structured, LEVELS[1]).model),
+                               rtol=0, atol=1e-5)
 
 
 def test_compact_evaluation_reports_the_smaller_model(structured: Path) -> None:
@@ -230,7 +234,18 @@ def test_inspect_shows_what_each_level_keeps(structured: Path, capsys: pytest.Ca
         assert entry["kept"] == {"dense": entry["count"], "0.5": int((codes >= 1).sum()),
                                  "0.7": int((codes >= 2).sum())}
     code, out, _ = run_cli(capsys, "inspect", structured)
-    assert "structures kept per level" in out
+    assert code == 0
+    table = out[out.index("structures kept per level"):]
+    rows = [[cell.strip() for cell in line.strip("│").split("│")]
+            for line in table.splitlines() if line.startswith("│")]
+    expected, totals = [], {}
+    for spec in bundle.structured.specs:  # a row per set: name, kind and what dense, 0.5 and 0.7 keep
+        codes = bundle.structured.codes[spec.name]
+        kept = [spec.count, int((codes >= 1).sum()), int((codes >= 2).sum())]
+        expected.append([spec.name, spec.kind, *map(str, kept)])
+        totals[spec.kind] = [a + b for a, b in zip(totals.get(spec.kind, [0, 0, 0]), kept, strict=True)]
+    expected += [["all", kind, *map(str, kept)] for kind, kept in sorted(totals.items())]
+    assert rows == expected
 
 
 def test_lstm_global_levels_are_refused_for_compact_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

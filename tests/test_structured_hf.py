@@ -16,7 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_usage_error, run_cli  # noqa: E402
+from asr_fixtures import adapter_at  # noqa: E402
+from helpers import assert_usage_error, prune_structured, run_cli  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_hf_ctc import ARCH, MANIFEST, PREFIX, attention_mask, build_hf_dir, utterance_batch  # noqa: E402
 
@@ -25,7 +26,6 @@ from dsnn_compress.core.groups import permute_groups  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError  # noqa: E402
 from dsnn_compress.models.hf_ctc import HF_CTC  # noqa: E402
-from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
 from dsnn_compress.runtime.runnable import load_model  # noqa: E402
 from dsnn_compress.sources.opener import load_checkpoint_adapter, open_source  # noqa: E402
 
@@ -61,21 +61,6 @@ def log_probs(adapter, batch) -> torch.Tensor:
     return values * (torch.arange(values.shape[1])[None, :, None] < lengths[:, None, None])
 
 
-def masked_reference(bundle_path: Path, level: float):
-    """The bundle's full-size model with the level's zero masks (the reader's documented decoder)."""
-    bundle = load_bundle(bundle_path)
-    adapter = adapter_from_metadata(bundle.metadata["model"], bundle.state_dict_at(level))
-    adapter.model.eval()
-    return adapter
-
-
-def prune(capsys, directory: Path, out: Path, allocation: str = "per-layer", *extra: str) -> Path:
-    result = run_cli(capsys, "prune", directory, "--granularity", "structured", "--allocation", allocation,
-                     "--levels", ",".join(map(str, LEVELS)), "-o", out, *extra)
-    assert result.code == 0, result.err
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- groups
 
 
@@ -103,7 +88,7 @@ def test_a_permutation_of_ffn_neurons_does_not_change_the_logits(dirs, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_layer_levels_export_as_smaller_hf_directories_equal_to_the_level(dirs, kind, tmp_path, capsys):
-    bundle = prune(capsys, dirs[kind], tmp_path / "b.safetensors")
+    bundle = prune_structured(capsys, dirs[kind], tmp_path / "b.safetensors", LEVELS)
     loaded = load_model(bundle)
     batch = utterance_batch(loaded.adapter, 3)
     dense_params = sum(p.numel() for p in loaded.adapter.model.parameters())
@@ -117,7 +102,7 @@ def test_per_layer_levels_export_as_smaller_hf_directories_equal_to_the_level(di
         model.eval()
         assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
         assert sum(p.numel() for p in model.parameters()) == dense_params - 2 * (HIDDEN - width) * (2 * 32 + 1)
-        reference = masked_reference(bundle, level)
+        reference = adapter_at(bundle, level)
         with torch.no_grad():
             logits = model(batch.inputs, attention_mask=attention_mask(reference, batch)).logits
         expected = log_probs(reference, batch)
@@ -128,11 +113,11 @@ def test_per_layer_levels_export_as_smaller_hf_directories_equal_to_the_level(di
         assert (log_probs(loaded.adapter, batch) - expected).abs().max() <= TOL
         assert loaded.adapter.model.state_dict().keys() == reference.model.state_dict().keys()
     loaded.set_level(0.0)
-    assert (log_probs(loaded.adapter, batch) - log_probs(masked_reference(bundle, 0.0), batch)).abs().max() <= TOL
+    assert (log_probs(loaded.adapter, batch) - log_probs(adapter_at(bundle, 0.0), batch)).abs().max() <= TOL
 
 
 def test_global_levels_are_refused_for_hf_and_exported_as_checkpoints(dirs, tmp_path, capsys):
-    bundle = prune(capsys, dirs["w2v-group"], tmp_path / "g.safetensors", "global")
+    bundle = prune_structured(capsys, dirs["w2v-group"], tmp_path / "g.safetensors", LEVELS, "global")
     structured = load_bundle(bundle).structured
     kept = list(structured.kept(1).values())
     assert len(set(kept)) > 1 and sum(kept) == 2 * HIDDEN - round(0.5 * 2 * HIDDEN)  # one ranking, uneven layers
@@ -146,7 +131,7 @@ def test_global_levels_are_refused_for_hf_and_exported_as_checkpoints(dirs, tmp_
     assert adapter.ffn_dims == kept
     assert [ff.feed_forward.intermediate_dense.out_features for ff in adapter.model.wav2vec2.encoder.layers] == kept
     batch = utterance_batch(adapter, 3)
-    assert (log_probs(adapter, batch) - log_probs(masked_reference(bundle, 0.5), batch)).abs().max() <= TOL
+    assert (log_probs(adapter, batch) - log_probs(adapter_at(bundle, 0.5), batch)).abs().max() <= TOL
     result = run_cli(capsys, "transcribe", checkpoint, read_manifest(MANIFEST)[0].audio_path)
     assert result.code == 0, result.err
     result = run_cli(capsys, "evaluate", bundle, "--data", MANIFEST, "--compact", "--json", tmp_path / "r.json")
@@ -164,7 +149,7 @@ def test_bad_ffn_dims_metadata_is_refused(dirs):
 
 
 def test_structured_finetune_then_export_round_trip(dirs, tmp_path, capsys):
-    bundle = prune(capsys, dirs["w2v-layer"], tmp_path / "b.safetensors")
+    bundle = prune_structured(capsys, dirs["w2v-layer"], tmp_path / "b.safetensors", LEVELS)
     tuned = tmp_path / "tuned.safetensors"
     result = run_cli(capsys, "finetune", bundle, "--data", MANIFEST, "-o", tuned, "--steps", "2",
                      "--set", "data.max_batch_size=4", "--json")
@@ -176,7 +161,7 @@ def test_structured_finetune_then_export_round_trip(dirs, tmp_path, capsys):
     out = tmp_path / "hf"
     assert run_cli(capsys, "export", tuned, "--level", "0.5", "--format", "hf", "-o", out).code == 0
     model = transformers.Wav2Vec2ForCTC.from_pretrained(str(out)).eval()
-    reference = masked_reference(tuned, 0.5)
+    reference = adapter_at(tuned, 0.5)
     batch = utterance_batch(reference, 3)
     with torch.no_grad():
         got = torch.log_softmax(model(batch.inputs, attention_mask=attention_mask(reference, batch)).logits, -1)

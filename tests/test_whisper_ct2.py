@@ -174,8 +174,9 @@ def test_cli_reports_a_bad_model_bin_in_one_line(tiny, tmp_path: Path, capsys: p
     directory, _, _ = tiny
     bad = corrupt(directory, tmp_path / "bad", (directory / "model.bin").read_bytes()[:-7])
     result = run_cli(capsys, "prune", bad, "--levels", "0.3", "-o", tmp_path / "b.safetensors")
-    assert result.code != 0
-    assert_one_error_line(result.err, "is truncated")
+    assert result.code == 1  # a bad input file (DsnnError), not a usage error (2) or a crash
+    assert_one_error_line(result.err, f"{bad / 'model.bin'} is truncated: ", "copy the file again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # nothing written
 
 
 # ------------------------------------------------------------------------------------------ the real wheel model

@@ -27,6 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from .errors import DsnnError, UsageError
 
@@ -233,6 +234,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class _KeepFirstError:
+    """A binary sink for writers that take a file object: data goes to ``file`` until a write fails; that OSError is
+    kept and later data is dropped (reported as written), so the writer runs to its end and the cause survives."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return self.file.write(data)
+            except OSError as exc:
+                self.error = exc
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.file.flush()
+
+
+@contextlib.contextmanager
+def atomic_stream(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """:func:`atomic_path` for a writer that takes a binary file object (``torch.save``), whose first failed write
+    is the error, whatever the writer makes of it (torch's zip writer, when the disk fills up mid-file, goes on and
+    reports ``[enforce fail at inline_container.cc] unexpected pos``): its later data is dropped."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        sink = _KeepFirstError(fh)
+        try:
+            yield cast(BinaryIO, sink)
+        except Exception:
+            if sink.error is None:
+                raise
+        if sink.error is not None:
+            raise sink.error
 
 
 @contextlib.contextmanager

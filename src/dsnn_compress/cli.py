@@ -69,6 +69,9 @@ def _command_line(ctx: typer.Context) -> list[str]:
 KernelsOption = Annotated[str, typer.Option(
     "--kernels", help="dense | sparse | auto: how pruned layers compute at sparse levels (sparse: CSR weights; auto: "
                       "the faster per layer, timed at load).")]
+ModelArgument = Annotated[Path, typer.Argument(
+    metavar="MODEL", help="A DSNN bundle or checkpoint, or a model directory (Hugging Face CTC or Whisper, "
+                          "faster-whisper).")]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify/--no-verify", help="Check the input's checksums before using it (default); files without checksums "
                                  "are read unverified.")]
@@ -205,7 +208,7 @@ def _write_report_file(path: Path, text: str, staged: StagedOutputs) -> None:
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(metavar="BUNDLE_OR_CHECKPOINT", help="A DSNN bundle or dsnn checkpoint.")],
+    model: ModelArgument,
     data: Annotated[Path, typer.Option("--data", "-d", help="Manifest: NeMo .jsonl, Kaldi dir or audiofolder.")],
     levels: Annotated[str, typer.Option("--levels", help="all (the trained levels), or a comma list such as "
                                                          "0,0.5,0.8 (any value up to the largest level).")] = "all",
@@ -286,7 +289,7 @@ def evaluate(
 
 @app.command()
 def transcribe(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A DSNN bundle or dsnn checkpoint.")],
+    model: ModelArgument,
     audio: Annotated[list[Path], typer.Argument(metavar="AUDIO...", help="Audio files (WAV/FLAC/OGG).")],
     level: Annotated[str, typer.Option("--level", help="Sparsity level to run at (0 = dense; any value up to the "
                                                        "largest trained level).")] = "0",

@@ -9,7 +9,7 @@ rules (accepted spellings, the matching tolerance, the ``dense`` label) live onc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import UsageError
@@ -139,20 +139,7 @@ class Levels:
 
     def select(self, spec: str | Sequence[float | str], where: str = "this model") -> list[float]:
         """Levels named by ``all`` or a comma list / sequence, each present, in the given order, duplicates dropped."""
-        if isinstance(spec, str):
-            if spec.strip().lower() == "all":
-                return list(self.all)
-            wanted: Iterable[float | str] = [p for p in spec.split(",") if p.strip()]
-        else:
-            wanted = list(spec)
-        chosen: list[float] = []
-        for item in wanted:
-            value = self.value(item, where)
-            if value not in chosen:
-                chosen.append(value)
-        if not chosen:
-            raise UsageError("no level given", "use --levels all or e.g. --levels 0,0.5,0.9")
-        return chosen
+        return self._chosen(spec, self.value, where)
 
     def resolve(self, level: float | str, where: str = "this model") -> float:
         """Any level in [0, largest trained level] (continuous levels): a trained level's stored value when
@@ -175,12 +162,18 @@ class Levels:
 
     def select_range(self, spec: str | Sequence[float | str], where: str = "this model") -> list[float]:
         """Like :meth:`select`, but any level in [0, largest] is accepted (see :meth:`resolve`)."""
+        return self._chosen(spec, self.resolve, where)
+
+    def _chosen(self, spec: str | Sequence[float | str], pick: Callable[[float | str, str], float],
+                where: str) -> list[float]:
+        """``all``, or the levels ``pick`` makes of each item of a comma list / sequence, in order, without
+        duplicates (UsageError when none is given)."""
         if isinstance(spec, str) and spec.strip().lower() == "all":
             return list(self.all)
-        wanted = [p for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
+        wanted = [part for part in spec.split(",") if part.strip()] if isinstance(spec, str) else list(spec)
         chosen: list[float] = []
         for item in wanted:
-            value = self.resolve(item, where)
+            value = pick(item, where)
             if value not in chosen:
                 chosen.append(value)
         if not chosen:

@@ -117,6 +117,18 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DsnnError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _json_records(path: Path, hint: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON object on each non-blank line, with its number; DsnnError naming the line (and ``hint``) otherwise."""
+    for lineno, line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DsnnError(f"{path}:{lineno}: not valid JSON ({exc.msg})", hint=hint) from None
+        if not isinstance(record, dict):
+            raise DsnnError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}", hint=hint)
+        yield lineno, record
+
+
 def _number(value: Any, key: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DsnnError(f"{source}: '{key}' must be a number, got {value!r}")
@@ -170,23 +182,24 @@ def _assign_ids(entries: list[_Entry]) -> list[Utterance]:
 # ------------------------------------------------------------------------------------------- NeMo
 
 
+def _json_entry(record: dict[str, Any], audio_path: Path, text: str | None, source: str, lineno: int) -> _Entry:
+    """The entry of a JSON record (NeMo line or audiofolder row): its optional id, duration and offset read."""
+    return _Entry(
+        explicit_id=_explicit_id(record, source),
+        audio_path=audio_path,
+        text=text,
+        duration=_optional_number(record, "duration", source),
+        offset=_optional_number(record, "offset", source) or 0.0,
+        source=source,
+        lineno=lineno,
+    )
+
+
 def _read_nemo(path: Path, require_text: bool = True) -> list[Utterance]:
     base = path.parent
     entries = []
-    for lineno, line in _lines(path):
+    for lineno, record in _json_records(path, "a NeMo manifest holds one JSON object per line"):
         source = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DsnnError(
-                f"{source}: not valid JSON ({exc.msg})",
-                hint="a NeMo manifest holds one JSON object per line",
-            ) from None
-        if not isinstance(record, dict):
-            raise DsnnError(
-                f"{source}: expected a JSON object, got {type(record).__name__}",
-                hint="a NeMo manifest holds one JSON object per line",
-            )
         for key in ("audio_filepath", "text") if require_text else ("audio_filepath",):
             if key not in record:
                 hint = "each line needs 'audio_filepath' and 'text'"
@@ -198,17 +211,7 @@ def _read_nemo(path: Path, require_text: bool = True) -> list[Utterance]:
             raise DsnnError(f"{source}: 'audio_filepath' must be a non-empty string, got {audio!r}")
         if not isinstance(text, str) and (require_text or text is not None):
             raise DsnnError(f"{source}: 'text' must be a string, got {text!r}")
-        entries.append(
-            _Entry(
-                explicit_id=_explicit_id(record, source),
-                audio_path=_resolve(base, audio),
-                text=text,
-                duration=_optional_number(record, "duration", source),
-                offset=_optional_number(record, "offset", source) or 0.0,
-                source=source,
-                lineno=lineno,
-            )
-        )
+        entries.append(_json_entry(record, _resolve(base, audio), text, source, lineno))
     return _assign_ids(entries)
 
 
@@ -325,17 +328,7 @@ def _audiofolder_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except csv.Error as exc:
             raise DsnnError(f"{path}: malformed CSV ({exc})") from None
         return
-    for lineno, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DsnnError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg})",
-                hint="metadata.jsonl holds one JSON object per line",
-            ) from None
-        if not isinstance(record, dict):
-            raise DsnnError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+    yield from _json_records(path, "metadata.jsonl holds one JSON object per line")
 
 
 def _read_audiofolder(path: Path, require_text: bool = True) -> list[Utterance]:
@@ -357,15 +350,5 @@ def _read_audiofolder(path: Path, require_text: bool = True) -> list[Utterance]:
             text = ""
         if text is not None and not isinstance(text, str):
             raise DsnnError(f"{source}: '{column}' must be a string, got {text!r}")
-        entries.append(
-            _Entry(
-                explicit_id=_explicit_id(record, source),
-                audio_path=_resolve(base, file_name.strip()),
-                text=text,
-                duration=_optional_number(record, "duration", source),
-                offset=_optional_number(record, "offset", source) or 0.0,
-                source=source,
-                lineno=lineno,
-            )
-        )
+        entries.append(_json_entry(record, _resolve(base, file_name.strip()), text, source, lineno))
     return _assign_ids(entries)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import StagedOutputs, atomic_path, check_output_parent, check_output_path
+from ..atomic import StagedOutputs, atomic_path, atomic_stream, check_output_parent, check_output_path
 from ..core.bundle import Bundle
 from ..core.compressed import compress_state_dict
 from ..core.levels import level_number, level_tag
@@ -152,8 +152,7 @@ def export_level(bundle: Bundle, level: float | str, output: str | Path, fmt: st
             metadata.update(extra)
         write_safetensors(out, state, metadata)
     elif fmt == "torch":
-        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-            # through a Python file: a full disk is an OSError (ENOSPC), not torch's "[enforce fail at ...]"
+        with atomic_stream(out) as fh:  # a full disk is one ENOSPC error, not torch's "[enforce fail at ...]"
             torch.save(bundle.state_dict_at(value), fh)
     elif fmt == "checkpoint":
         extra = {"dsnn_level": f"{value:g}",

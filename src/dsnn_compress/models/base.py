@@ -87,6 +87,12 @@ class AdapterRunner(nn.Module):
         return self.adapter.decode(batch)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (its first one's; the CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def weights_in(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A state dict on the CPU, contiguous, its floating-point tensors in ``dtype`` (None: as they are).
 

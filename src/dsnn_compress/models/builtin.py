@@ -19,6 +19,7 @@ from ..data.features import FeatureConfig, log_mel
 from ..data.text import CharTokenizer, get_normalizer
 from ..errors import DsnnError, UsageError
 from ..validation import Int, explain, usage_error
+from .base import model_device
 from .builtin_structure import (
     conformer_compact_config,
     conformer_groups,
@@ -55,10 +56,6 @@ class BuiltinAdapter:
         """Sample rate the features expect (from :attr:`features`)."""
         return int(self.features.sample_rate)
 
-    def _device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
     def prepare(self, waveform: np.ndarray) -> torch.Tensor:
         """Log-mel features ``[frames, n_mels]`` of one mono waveform at :attr:`sample_rate`."""
         wave = np.asarray(waveform, dtype=np.float32)
@@ -74,7 +71,7 @@ class BuiltinAdapter:
 
     def log_probs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on the batch (moved to the model's device): ``[B, T', V]`` and lengths ``[B]``."""
-        device = self._device()
+        device = model_device(self.model)
         return self.model(batch.inputs.to(device), batch.input_lengths.to(device))
 
     def loss(self, batch: Batch) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_stream
 from ..errors import DsnnError
 
 STATE_VERSION = 1
@@ -63,8 +63,8 @@ class TrainState:
     def save(self, path: Path) -> None:
         """Write atomically (a kill mid-write leaves the previous state intact)."""
         record = {"version": STATE_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            torch.save(record, fh)  # through a Python file, a full disk is an OSError naming its cause
+        with atomic_stream(path) as fh:  # a full disk is one ENOSPC error, not torch's "[enforce fail at ...]"
+            torch.save(record, fh)
 
     @classmethod
     def load(cls, path: Path) -> TrainState:

@@ -25,6 +25,7 @@ from torch import nn
 from ...data.batch import Batch
 from ...data.text import get_normalizer
 from ...errors import DsnnError
+from ..base import model_device
 from ..ctc import greedy_ctc_decode
 from .metadata import BAD_META_HINT, FAMILY
 
@@ -137,10 +138,6 @@ class HFCTCAdapter:
         """The feature extractor's sampling rate (audio is resampled to it on load)."""
         return int(self.feature_extractor.sampling_rate)
 
-    def _device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
     def prepare(self, waveform: np.ndarray) -> torch.Tensor:
         """The feature extractor's input values (normalised when ``do_normalize``) of one mono waveform, 1-D.
 
@@ -183,7 +180,7 @@ class HFCTCAdapter:
         return self.model._get_feat_extract_output_lengths(input_lengths).to(torch.long).clamp(min=0)
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        device = self._device()
+        device = model_device(self.model)
         inputs = batch.inputs.to(device=device, dtype=torch.float32)
         if inputs.dim() != 2:
             raise DsnnError(f"hf-ctc models take raw waveforms [batch, samples], got shape {tuple(inputs.shape)}")

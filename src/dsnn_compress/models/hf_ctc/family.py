@@ -25,7 +25,8 @@ from torch import nn
 
 from ...core.groups import GroupSpec
 from ...data.text import get_normalizer
-from ...errors import DsnnError, UsageError
+from ...errors import DsnnError
+from ..hf_files import cannot_create, described_files
 from ..registry import adapter_from_metadata, register_family
 from .adapter import HFCTCAdapter, rename_hooks
 from .export import save_hf_directory
@@ -150,24 +151,14 @@ class HFCTCFamily:
     def new(self, vocabulary: list[str], size: str | None = None, overrides: Mapping[str, Any] | None = None,
             features: Mapping[str, Any] | None = None, normalizer: str = "default") -> HFCTCAdapter:
         """Not supported: an hf-ctc model starts from a Hugging Face ``save_pretrained`` directory."""
-        raise UsageError("the hf-ctc family cannot create a model from scratch",
-                         "set model.init to a Hugging Face save_pretrained directory (or a bundle pruned from one)")
+        raise cannot_create(FAMILY, "a Hugging Face save_pretrained directory (or a bundle pruned from one)")
 
     def from_metadata(self, meta: Mapping[str, Any]) -> HFCTCAdapter:
         """Rebuild an adapter (random weights) from :meth:`HFCTCAdapter.metadata` output."""
         architecture = meta.get("architecture")
-        hf_files = meta.get("hf_files")
         if not isinstance(architecture, str):
             raise DsnnError("hf-ctc model metadata lacks 'architecture'", BAD_META_HINT)
-        if not isinstance(hf_files, dict) or not all(isinstance(v, str) for v in hf_files.values()):
-            raise DsnnError("hf-ctc model metadata lacks the 'hf_files' texts", BAD_META_HINT)
-        normalizer = meta.get("normalizer", "default")
-        if not isinstance(normalizer, str):
-            raise DsnnError("hf-ctc model metadata has a non-string 'normalizer'", BAD_META_HINT)
-        try:
-            get_normalizer(normalizer)
-        except UsageError as exc:
-            raise DsnnError(f"hf-ctc model metadata is invalid: {exc.message}", BAD_META_HINT) from exc
+        hf_files, normalizer = described_files(meta, FAMILY)
         adapter = build_adapter(architecture, hf_files, normalizer, meta.get("weight_norm"))
         if "sample_rate" in meta and meta["sample_rate"] != adapter.sample_rate:
             raise DsnnError(f"hf-ctc model metadata sample_rate {meta['sample_rate']} differs from its feature "

@@ -16,6 +16,7 @@ from typing import Any
 
 from ...data.text import get_normalizer
 from ...errors import DsnnError
+from ..hf_files import BAD_META_HINT, parse_config
 
 FAMILY = "hf-ctc"
 INSTALL_HINT = 'install the Hugging Face extra: pip install "dsnn-compress[hf]"'
@@ -47,7 +48,6 @@ WEIGHT_NORM_NAMES = {
 }
 """The two spellings of a weight-normed convolution's tensors: legacy ``weight_norm`` and ``parametrizations``."""
 
-BAD_META_HINT = "the model metadata is damaged or was written by an incompatible dsnn-compress version"
 
 
 def supported_list() -> str:
@@ -109,13 +109,8 @@ def hf_metadata_from_files(
     extractor configuration raises :class:`DsnnError`. ``tensor_names`` (the weights' keys) records how the
     weight-normed positional convolution is spelled; this needs no ``transformers``.
     """
-    if "config.json" not in hf_files:
-        return None
-    try:
-        config = json.loads(hf_files["config.json"])
-    except (json.JSONDecodeError, TypeError):
-        return None
-    if not isinstance(config, dict):
+    config = parse_config(hf_files)
+    if config is None:
         return None
     architecture = select_architecture(config, tensor_names)
     if architecture is None:

@@ -8,7 +8,8 @@ model is built; importing this package does not import it.
 
 Modules: :mod:`.metadata` (what a directory holds), :mod:`.adapter` (features, loss, bounded greedy decoding),
 :mod:`.family` (building adapters, the family factory), :mod:`.export` (Hugging Face and faster-whisper
-directories), :mod:`.ct2` (the CTranslate2 ``model.bin`` format). See ``docs/whisper.md``.
+directories), :mod:`.ct2` (faster-whisper directories: the ``model.bin`` format, the name map, the reader and the
+writer). See ``docs/whisper.md``.
 """
 
 from __future__ import annotations

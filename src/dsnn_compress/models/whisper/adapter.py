@@ -34,6 +34,7 @@ from torch import nn
 
 from ...data.batch import Batch, pad_batch
 from ...errors import DsnnError
+from ..base import model_device
 from .metadata import FAMILY
 
 TOKENS_PER_SECOND = 10.0
@@ -175,7 +176,7 @@ class WhisperAdapter:
         return self.context_samples / self.sample_rate
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def prepare(self, waveform: np.ndarray) -> torch.Tensor:
         """The mono waveform itself (features are computed per batch); DsnnError when it exceeds the context."""

@@ -12,6 +12,7 @@ from typing import Any
 from ...core.groups import GroupSpec
 from ...data.text import get_normalizer
 from ...errors import DsnnError, UsageError
+from ..hf_files import cannot_create, described_files
 from .adapter import WhisperAdapter, install_state_hooks
 from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json
 from .structure import (
@@ -135,17 +136,11 @@ class WhisperFamily:
     def new(self, vocabulary: list[str], size: str | None = None, overrides: Mapping[str, Any] | None = None,
             features: Mapping[str, Any] | None = None, normalizer: str = "default") -> WhisperAdapter:
         """Not supported: a Whisper model starts from a Hugging Face or faster-whisper directory."""
-        raise UsageError("the whisper family cannot create a model from scratch",
-                         "set model.init to a Whisper model directory (Hugging Face or faster-whisper) or a bundle")
+        raise cannot_create(FAMILY, "a Whisper model directory (Hugging Face or faster-whisper) or a bundle")
 
     def from_metadata(self, meta: Mapping[str, Any]) -> WhisperAdapter:
         """Rebuild an adapter (random weights) from :meth:`WhisperAdapter.metadata` output."""
-        files = meta.get("hf_files")
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise DsnnError("whisper model metadata lacks the 'hf_files' texts", BAD_META_HINT)
-        normalizer = meta.get("normalizer", "default")
-        if not isinstance(normalizer, str):
-            raise DsnnError("whisper model metadata has a non-string 'normalizer'", BAD_META_HINT)
+        files, normalizer = described_files(meta, FAMILY)
         adapter = build_adapter(files, normalizer, meta.get("audio_ctx"))
         if meta.get("ffn_dims") is not None:
             adapter.ffn_dims = check_dims(meta["ffn_dims"], adapter.model, BAD_META_HINT)

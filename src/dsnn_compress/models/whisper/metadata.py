@@ -14,11 +14,11 @@ from typing import Any
 
 from ...data.text import get_normalizer
 from ...errors import DsnnError
+from ..hf_files import BAD_META_HINT, parse_config
 
 FAMILY = "whisper"
 ARCHITECTURE = "WhisperForConditionalGeneration"
 INSTALL_HINT = 'install the Hugging Face extra: pip install "dsnn-compress[hf]"'
-BAD_META_HINT = "the model metadata is damaged or was written by an incompatible dsnn-compress version"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "normalizer.json")
@@ -50,13 +50,8 @@ def whisper_metadata_from_files(files: Mapping[str, str], tensor_names: Any = No
     A Whisper directory without its tokenizer or feature-extractor configuration is an error: it could be pruned
     but never run, so it is refused here with what to add.
     """
-    if "config.json" not in files:
-        return None
-    try:
-        config = json.loads(files["config.json"])
-    except (json.JSONDecodeError, TypeError):
-        return None
-    if not isinstance(config, dict) or not is_whisper_config(config):
+    config = parse_config(files)
+    if config is None or not is_whisper_config(config):
         return None
     has_tokenizer = "tokenizer.json" in files or ("vocab.json" in files and "merges.txt" in files)
     if not has_tokenizer:
