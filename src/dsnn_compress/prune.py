@@ -43,7 +43,7 @@ from .core.selection import select_prunable
 from .errors import DsnnError, UsageError
 from .models.base import ModelAdapter
 from .sources.opener import Source, open_source
-from .structured_prune import build_structured_bundle
+from .structured_prune import DEPTH_ORDERS, build_structured_bundle
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ class PruneOptions:
     sensitivity_utterances: int = SENSITIVITY_UTTERANCES
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
+    depth: str | None = None
+    """Decoder layers dropped per level, ``LEVEL:N,...`` or ``auto`` (structured granularity)."""
+    encoder_depth: str | None = None
+    """Encoder layers dropped per level, the same way."""
+    depth_order: str = "auto"
+    """Which layers go first: ``importance`` (measured on calibration audio), ``first-last`` (distil-whisper: keep
+    the first and the last layer longest), ``auto`` (importance when calibration audio is given)."""
     command: Any = None
     """The command line recorded in the bundle."""
 
@@ -86,6 +93,17 @@ class PruneOptions:
                              "by one threshold", "use --allocation per-layer or per-row with a profile")
         if self.granularity == "structured" and self.profile != "uniform":
             raise UsageError("--profile applies to weight granularity", "drop --profile, or use --granularity weight")
+        if (self.depth or self.encoder_depth) and self.granularity != "structured":
+            raise UsageError("depth levels (--depth, --encoder-depth) drop whole layers: they need --granularity "
+                             "structured", "add --granularity structured")
+        if self.depth_order not in DEPTH_ORDERS:
+            raise UsageError(f"unknown --depth-order {self.depth_order!r}", f"choose one of {', '.join(DEPTH_ORDERS)}")
+        measured = self.depth_order == "importance" or "auto" in (self.depth, self.encoder_depth)
+        if measured and self.calibration is None:
+            what = "--depth-order importance" if self.depth_order == "importance" else "--depth auto"
+            raise UsageError(f"{what} measures each layer's importance on calibration audio",
+                             "add --calibration MANIFEST (audio only), or give --depth LEVEL:N with --depth-order "
+                             "first-last")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from .. import tool_metadata
 from ..errors import DsnnError, UsageError
 from .checksums import CHECKSUM_KEY, INTEGRITY_NONE, INTEGRITY_RECORDED
 from .continuous import keep_masks
+from .depth import StackDepth, check_depth_codes, depth_metadata, parse_depth_metadata
 from .group_format import StructuredLevels, parse_structured
 from .levels import LevelLookups, validate_levels
 from .masks import code_bits, pack_codes, packed_size, pruned_count, pruned_per_level, unpack_codes
@@ -29,7 +30,7 @@ FORMAT_VERSION = "1"
 CODE_SUFFIX = ".dsnn_code"
 _REQUIRED_KEYS = ("format", "format_version", "levels", "code_bits", "code_suffix", "pruned", "sparsity", "tool")
 _JSON_KEYS = ("levels", "pruned", "sparsity", "selection", "source", "tool", "command", "model", "hf_files",
-              "pruning",
+              "pruning", "depth", "depth_calibration",
               "recipe", "evaluation", "training", "structured")
 
 
@@ -52,6 +53,8 @@ class Bundle(LevelLookups):
     saved, with the checksums of these tensors)."""
     structured: StructuredLevels | None = None
     """Group sets and group codes of a structured bundle (None: weight granularity)."""
+    depth: list[StackDepth] | None = None
+    """Layers dropped per level (``core.depth``; None: every level keeps every layer)."""
 
     @property
     def bits(self) -> int:
@@ -141,6 +144,8 @@ def build_metadata(bundle: Bundle) -> dict[str, str]:
     meta.setdefault("tool", tool_metadata())
     if bundle.structured is not None:
         meta.update({"granularity": "structured", "structured": bundle.structured.to_metadata()})
+    if bundle.depth:
+        meta["depth"] = depth_metadata(bundle.depth)
     out: dict[str, str] = {}
     for key, value in meta.items():
         out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -301,9 +306,12 @@ def bundle_from_file(file: SafetensorsFile, verify: bool = True) -> Bundle:
             raise DsnnError(f"{src}: pruned counts of {name} do not match its codes", "the bundle is corrupt")
         codes[name] = code
     structured = None
+    depth = parse_depth_metadata(src, meta["depth"], levels) if "depth" in meta else None
+    if depth:
+        check_depth_codes(src, depth, tensors, codes)
     if meta.get("granularity", "weight") == "structured":
         structured = parse_structured(src, meta.get("structured"), tensors, codes, levels,
-                                      str(meta.get("allocation", "per-layer")), not _mid_schedule(meta))
+                                      str(meta.get("allocation", "per-layer")), not _mid_schedule(meta), depth)
     elif not _mid_schedule(meta):
         _check_declared_levels(src, levels, counts, {n: tuple(c.shape) for n, c in codes.items()}, meta)
     stray = [n for n in stored if n.endswith(CODE_SUFFIX) and n[: -len(CODE_SUFFIX)] not in pruned]
@@ -311,6 +319,6 @@ def bundle_from_file(file: SafetensorsFile, verify: bool = True) -> Bundle:
         raise DsnnError(f"{src}: code tensor {stray[0]} belongs to no listed tensor", "the bundle is corrupt")
     keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "levels", "code_bits",
                                                         "code_suffix", "pruned", "sparsity", "granularity",
-                                                        "structured", CHECKSUM_KEY)}
+                                                        "structured", "depth", CHECKSUM_KEY)}
     return Bundle(tensors=tensors, codes=codes, levels=levels, metadata=keep, path=src, integrity=file.integrity,
-                  structured=structured)
+                  structured=structured, depth=depth)

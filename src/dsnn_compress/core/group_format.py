@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DsnnError
+from .depth import StackDepth, apply_depth
 from .groups import (
     GroupSpec,
     expand_codes,
@@ -64,7 +65,8 @@ def structured_bundle_parts(specs: Sequence[GroupSpec], tensors: Mapping[str, to
 
 
 def parse_structured(src: Any, meta: Any, tensors: Mapping[str, torch.Tensor], weight_codes: Mapping[str, torch.Tensor],
-                     levels: Sequence[float], allocation: str, check_counts: bool) -> StructuredLevels:
+                     levels: Sequence[float], allocation: str, check_counts: bool,
+                     depth: Sequence[StackDepth] | None = None) -> StructuredLevels:
     """Read and check a bundle's ``structured`` entry against its tensors and weight codes (DsnnError if bad).
 
     Checks: known version; member slices fit their tensors; codes in ``0..L`` and ``kept`` matching them; the weight
@@ -98,6 +100,8 @@ def parse_structured(src: Any, meta: Any, tensors: Mapping[str, torch.Tensor], w
         specs.append(spec)
         codes[spec.name] = code
     expanded = expand_codes(specs, codes, {n: t.shape for n, t in tensors.items()}, num)
+    if depth:  # the layers a level drops: every parameter of them capped at the layer's code
+        expanded = apply_depth(depth, tensors, expanded)
     if set(expanded) != set(weight_codes):
         extra = sorted(set(expanded) ^ set(weight_codes))[0]
         raise DsnnError(f"{src}: tensor {extra} is pruned by the weight codes or the groups but not both", bad)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from ..core.bundle import Bundle
+from ..core.depth import compact_depth, dropped_layers, in_dropped_layer
 from ..core.group_format import StructuredLevels
 from ..core.groups import compact_tensors
 from ..core.levels import LevelLookups, Levels
@@ -28,14 +29,16 @@ def compact_adapter(bundle: Bundle, adapter: ModelAdapter, level_index: int, fmt
         raise UsageError("only a structured bundle has physically smaller levels",
                          "prune with --granularity structured")
     family = family_of(adapter)
-    kept = structured.kept(level_index)
+    dropped = dropped_layers(bundle.depth or [], level_index)
+    kept = {name: count for name, count in structured.kept(level_index).items()
+            if not in_dropped_layer(name, dropped)}
     refusal_hook = getattr(family, "compact_refusal", None)
     refusal = refusal_hook(kept, fmt) if callable(refusal_hook) else None
     if refusal:
         raise UsageError(f"level {Levels(bundle.levels).label(level_index)} cannot be written as {fmt}: {refusal}",
                          "export it with --format safetensors (full shape, zeroed) or prune again as the reason says")
-    small = family.compact(adapter, kept)
-    tensors = compact_tensors(structured.specs, bundle.tensors, structured.codes, level_index)
+    small = family.compact(adapter, kept, dropped) if dropped else family.compact(adapter, kept)
+    tensors = compact_depth(compact_tensors(structured.specs, bundle.tensors, structured.codes, level_index), dropped)
     load_tensors_strict(small, {n: t.to(torch.float32) if t.is_floating_point() else t for n, t in tensors.items()})
     small.model.eval()
     return small
@@ -57,6 +60,7 @@ class StructuredViews(LevelLookups):
         self.structured: StructuredLevels = bundle.structured
         self._family = family_of(adapter)
         self._kept = [self.structured.kept(k) for k in range(len(bundle.levels) + 1)]
+        self._dropped = [dropped_layers(bundle.depth or [], k) for k in range(len(bundle.levels) + 1)]
         self._pruned = [sum(int((c < k).sum()) for c in bundle.codes.values()) for k in range(len(bundle.levels) + 1)]
         self._index = 0
 
@@ -77,7 +81,11 @@ class StructuredViews(LevelLookups):
     def set_level(self, level: float | str) -> None:
         """Run ``level``: every set narrowed to its kept prefix (dense: full width)."""
         index = self.level_index(level)
+        if any(self._dropped):  # widths are set on the full layer lists, then the dropped layers are left out
+            self._family.set_depth(self.adapter, None)
         self._family.set_widths(self.adapter, None if index == 0 else self._kept[index])
+        if self._dropped[index]:
+            self._family.set_depth(self.adapter, self._dropped[index])
         self._index = index
 
     def pruned_count(self) -> int:
@@ -94,5 +102,8 @@ def views_supported(adapter: ModelAdapter, bundle: Bundle) -> bool:
     """Whether ``bundle``'s levels can run as prefix views on ``adapter`` (structured, prefix order, family hook)."""
     if bundle.structured is None or not bundle.structured.prefix_ordered():
         return False
-    hook = getattr(family_of(adapter), "set_widths", None)
+    family = family_of(adapter)
+    if bundle.depth and not callable(getattr(family, "set_depth", None)):
+        return False
+    hook = getattr(family, "set_widths", None)
     return callable(hook) and bool(hook(adapter, None))

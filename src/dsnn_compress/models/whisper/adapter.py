@@ -155,6 +155,8 @@ class WhisperAdapter:
     """Decodes cut at the token bound since the counter was last reset (evaluation reports it per level)."""
     long_form: bool = False
     """Inference: accept audio longer than the encoder context and decode it in chunks (training refuses it)."""
+    depth_views: Any = field(default=None, repr=False)
+    """Depth levels on views (:class:`~.depth.DepthViews`, made on first use)."""
     chunks_decoded: int = 0
     """Chunks decoded for utterances longer than the context since the counter was last reset (long-form)."""
     _features: tuple[tuple[torch.Tensor, int], torch.Tensor] | None = field(default=None, init=False, repr=False)

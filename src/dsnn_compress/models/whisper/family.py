@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from ...data.text import get_normalizer
 from ...errors import DsnnError, UsageError
 from ..hf_files import cannot_create, described_files
 from .adapter import WhisperAdapter, install_state_hooks
+from .depth import STACKS, DepthViews, depth_metadata, stack_sizes
 from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json
 from .structure import (
     apply_ffn_dims,
@@ -153,9 +154,35 @@ class WhisperFamily:
         """One ``ffn-neuron`` group set per encoder layer, then per decoder layer (no heads: see ``.structure``)."""
         return ffn_groups(adapter.model)
 
-    def compact(self, adapter: WhisperAdapter, kept: Mapping[str, int]) -> WhisperAdapter:
-        """A fresh adapter whose layers have ``kept[name]`` FFN neurons (weights to be loaded)."""
-        return self.from_metadata(compact_metadata(adapter.metadata(), side_widths(adapter.model, kept)))
+    def compact(self, adapter: WhisperAdapter, kept: Mapping[str, int],
+                dropped: Mapping[str, Sequence[int]] | None = None) -> WhisperAdapter:
+        """A fresh adapter whose layers have ``kept[name]`` FFN neurons and whose stacks lack the ``dropped`` layers
+        (weights to be loaded, kept layers renumbered)."""
+        widths = side_widths(adapter.model, kept)
+        dropped = dropped or {}
+        for side in widths:
+            gone = set(dropped.get(STACKS[side], ()))
+            widths[side] = [w for i, w in enumerate(widths[side]) if i not in gone]
+        meta = compact_metadata(adapter.metadata(), widths)
+        if dropped:
+            meta = depth_metadata(meta, {stack: size - len(dropped.get(stack, ()))
+                                         for stack, size in stack_sizes(adapter.model).items()})
+        return self.from_metadata(meta)
+
+    # depth levels (docs/depth.md): encoder and decoder layers dropped at sparse levels
+
+    @staticmethod
+    def depth_stacks(adapter: WhisperAdapter) -> dict[str, int]:
+        """Layers per droppable stack: ``model.encoder.layers`` and ``model.decoder.layers``."""
+        return stack_sizes(adapter.model)
+
+    @staticmethod
+    def set_depth(adapter: WhisperAdapter, dropped: Mapping[str, Sequence[int]] | None) -> bool:
+        """Leave the ``dropped`` layers out of each stack, on the same modules (None: every layer runs)."""
+        if adapter.depth_views is None:
+            adapter.depth_views = DepthViews(adapter.model)
+        adapter.depth_views.apply(dropped)
+        return True
 
     def set_widths(self, adapter: WhisperAdapter, kept: Mapping[str, int] | None) -> bool:
         """Run each FFN's first ``kept[name]`` neurons on views of its weights (None: full width)."""
