@@ -94,8 +94,9 @@ def build_tokenizer(directory: Path, multilingual: bool, vocab_size: int = 320):
     return fast
 
 
-def build_whisper_dir(directory: Path, multilingual: bool = False, seed: int = 3) -> Path:
-    """A tiny random Whisper model with its tokenizer, generation config and feature extractor, saved offline."""
+def build_whisper_dir(directory: Path, multilingual: bool = False, seed: int = 3, layers: int = 1) -> Path:
+    """A tiny random Whisper model with its tokenizer, generation config and feature extractor, saved offline
+    (``layers`` encoder and decoder layers)."""
     import transformers
 
     directory.mkdir(parents=True)
@@ -104,7 +105,7 @@ def build_whisper_dir(directory: Path, multilingual: bool = False, seed: int = 3
     eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
     space = tokenizer.convert_tokens_to_ids("\u0120")  # byte-level "Ġ": a lone leading space
     config = transformers.WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=D_MODEL, encoder_layers=1, decoder_layers=1,
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=D_MODEL, encoder_layers=layers, decoder_layers=layers,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
         max_source_positions=1500, max_target_positions=MAX_TARGET_POSITIONS, pad_token_id=eot, bos_token_id=eot,
         eos_token_id=eot, decoder_start_token_id=sot, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..core.bundle import Bundle
 from ..core.levels import level_label
 from ..evaluation.results import EvaluationReport, LevelResult
-from .structured import structured_report, structured_table
+from .structured import depth_table, structured_report, structured_table
 
 
 def human_bytes(num: float) -> str:
@@ -151,6 +151,8 @@ def print_inspect(report: dict[str, Any], levels: Sequence[float], layers: bool,
     console.print(levels_table(report, "levels"))
     if report.get("structured"):
         console.print(structured_table(report["structured"]))
+        if report["structured"].get("depth"):
+            console.print(depth_table(report["structured"]))
     if layers:
         console.print(tensors_table(report, levels))
         if report["not_pruned"]:

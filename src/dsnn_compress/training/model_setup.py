@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..core.depth import StackDepth
 from ..core.groups import GroupSpec, compute_group_codes, expand_codes
 from ..core.masks import codes_at_sparsities, compute_codes
 from ..core.schedule import scheduled_levels
@@ -38,6 +39,11 @@ class ModelSetup:
     groups: list[GroupSpec] | None = None
     """Structured runs: the group sets whose codes the weight codes expand (None: weight granularity)."""
     allocation: str = "per-layer"
+    depth: list[StackDepth] | None = None
+    """Depth bundles: the layers each level drops (kept as the bundle has them)."""
+    group_codes: dict[str, torch.Tensor] | None = None
+    """Depth bundles: the structured group codes (the weight codes of dropped layers are capped, so they cannot be
+    recovered from them)."""
 
 
 def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
@@ -76,6 +82,9 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
             f"recipe levels {list(recipe.levels)} differ from the bundle's {list(bundle.levels)}",
             "drop `levels` from the recipe to use the bundle's, or prune again with the levels you want",
         )
+    if recipe.schedule.enabled and bundle.depth:
+        raise UsageError("the gradual schedule recomputes the codes, which would undo this bundle's dropped layers",
+                         "set schedule.enabled: false to fine-tune depth levels")
     if recipe.schedule.enabled and "pruning" in bundle.metadata:
         pruning = bundle.metadata["pruning"]
         raise UsageError(f"the gradual schedule recomputes the codes from weight magnitudes, which would discard this "
@@ -87,7 +96,9 @@ def build_model(recipe: Recipe, verify: bool = True) -> ModelSetup:
     setup = ModelSetup(adapter, dict(bundle.codes), bundle.levels, opened.provenance(), base,
                        dtypes=_dtypes(opened.tensors),
                        groups=bundle.structured.specs if bundle.structured is not None else None,
-                       allocation=str(bundle.metadata.get("allocation", recipe.allocation)))
+                       allocation=str(bundle.metadata.get("allocation", recipe.allocation)),
+                       depth=bundle.depth,
+                       group_codes=dict(bundle.structured.codes) if bundle.structured is not None else None)
     if recipe.schedule.enabled:
         setup.codes = scheduled_codes(adapter, setup.codes, setup.levels, recipe, 0, setup.groups, setup.allocation)
     return setup

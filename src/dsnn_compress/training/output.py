@@ -22,6 +22,7 @@ import torch
 from .. import tool_metadata
 from ..atomic import atomic_path, check_output_parent, clean_stale_temps, temp_path, write_error
 from ..core.bundle import Bundle, save_bundle
+from ..core.depth import apply_depth
 from ..core.group_format import structured_bundle_parts
 from ..core.groups import group_codes_from_weights
 from ..errors import UsageError
@@ -111,11 +112,14 @@ class RunOutput:
         codes = {n: c.cpu() for n, c in codes.items()}
         structured = None
         if setup.groups is not None:  # group codes back from the weight codes; stored in prefix order
-            group_codes = group_codes_from_weights(setup.groups, codes)
+            # a depth bundle's weight codes are capped in dropped layers: its group codes are the bundle's own
+            group_codes = setup.group_codes if setup.depth else group_codes_from_weights(setup.groups, codes)
             tensors, codes, structured = structured_bundle_parts(setup.groups, tensors, group_codes, len(setup.levels))
+            if setup.depth:
+                codes = apply_depth(setup.depth, tensors, codes)
             metadata["allocation"] = setup.allocation
         save_bundle(Bundle(tensors=tensors, codes=codes, levels=setup.levels, metadata=metadata,
-                           structured=structured), path)
+                           structured=structured, depth=setup.depth), path)
 
 
 class JsonlLog:
