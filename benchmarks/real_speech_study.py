@@ -166,9 +166,9 @@ def cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """(loss, variant, context) of every grid cell to run."""
     contexts = ["full", str(args.short_ctx)]
     grid = [(loss, variant, ctx) for loss in LOSSES for variant in args.variants for ctx in contexts]
-    if args.grid:
-        wanted = {tuple(cell.split("/")) for cell in args.grid.split(",")}
-        grid = [cell for cell in grid if cell in wanted]
+    if args.grid:  # the cells named, in the order named
+        named = [tuple(cell.split("/")) for cell in args.grid.split(",") if cell]
+        grid = [cell for cell in named if cell in grid]
     return grid
 
 

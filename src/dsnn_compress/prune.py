@@ -133,7 +133,8 @@ def build_bundle(source: Source, options: PruneOptions, progress: PruneProgress 
                          "--method magnitude --profile uniform")
     if check_granularity(options.granularity) == "structured":
         return build_structured_bundle(source, options, report)
-    adapter = source.adapter() if source.runnable else None
+    # the model is built only when needed: explicit --include patterns prune by name, without the model's code
+    adapter = source.adapter() if source.runnable and (calibrated or not options.include) else None
     defaults = None if options.include or adapter is None else adapter.default_prunable()
     names = select_prunable(source.tensors, options.include, options.exclude, defaults)
     check_finite(source.tensors)
