@@ -558,3 +558,17 @@ def test_whisper_normalizer_is_applied_and_recorded(whisper, tmp_path, capsys):
     assert references == [normalize(u.text) for u in read_manifest(MANIFEST)]
     assert "it can not make things any worse" in references  # Whisper's normaliser expands contractions
     assert math.isfinite(report["levels"][0]["wer"])
+
+
+def test_long_form_chunks_cut_at_the_quietest_point_and_cover_the_clip():
+    rng = np.random.default_rng(0)
+    rate = 1000
+    wave = rng.standard_normal(95 * rate).astype(np.float32)  # 95 s of loud noise...
+    wave[27_000:27_400] = 0.0  # ...with a pause 3 s before the first 30 s window ends
+    wave[55_000:55_400] *= 0.01  # and a quieter stretch inside the second window's search span
+    spans = long_form_chunks(wave, 30 * rate, rate, search_seconds=5.0)
+    assert spans[0][0] == 0 and spans[-1][1] == len(wave)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous: nothing dropped or repeated
+    assert all(stop - start <= 30 * rate for start, stop in spans)
+    assert 27_000 <= spans[0][1] < 27_400 and 55_000 <= spans[1][1] < 55_400
+    assert long_form_chunks(wave[: 30 * rate], 30 * rate, rate) == [(0, 30 * rate)]
