@@ -14,12 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..core.masked import distillation_loss
-from ..data.batch import Batch
 from ..models.base import ModelAdapter
 from .audio import CalibrationAudio
-from .sensitivity import DEFAULT_UTTERANCES
-from .statistics import self_labelled
+from .sensitivity import DEFAULT_UTTERANCES, calibration_cost, dense_references
 
 
 def layer_parameters(model: torch.nn.Module, stack: str, layer: int) -> list[torch.nn.Parameter]:
@@ -42,20 +39,14 @@ def importance_order(adapter: ModelAdapter, audio: CalibrationAudio, stack: str,
     done = 0
     saved = {i: [p.detach().clone() for p in layer_parameters(model, stack, i)] for i in range(layers)}
     try:
+        references = dense_references(adapter, audio, utterances)
         with torch.no_grad():
-            batches: list[tuple[Batch, torch.Tensor, torch.Tensor]] = []
-            for batch in audio.batches(adapter, limit=utterances):
-                labelled = self_labelled(adapter, batch)
-                log_probs, lengths = adapter.log_probs(labelled)
-                batches.append((labelled, log_probs, lengths))
-            count = max(1, sum(len(b) for b, _, _ in batches))
             for _ in range(drop):
                 best, best_cost = -1, float("inf")
                 for candidate in (i for i in range(layers) if i not in order):
                     for p in layer_parameters(model, stack, candidate):
                         p.zero_()
-                    cost = sum(float(distillation_loss(reference, adapter.log_probs(batch)[0], lengths, 1.0))
-                               * len(batch) for batch, reference, lengths in batches) / count
+                    cost = calibration_cost(adapter, references)
                     for p, value in zip(layer_parameters(model, stack, candidate), saved[candidate], strict=True):
                         p.copy_(value)
                     if cost < best_cost:

@@ -38,6 +38,29 @@ def sensitivity_grid(levels: Sequence[float]) -> list[float]:
     return sorted(p for p in points if 0 < p <= top)
 
 
+Reference = tuple[Batch, torch.Tensor, torch.Tensor]
+"""A calibration batch (targets: the dense model's greedy tokens for Whisper), the dense posteriors and lengths."""
+
+
+def dense_references(adapter: ModelAdapter, audio: CalibrationAudio, utterances: int) -> list[Reference]:
+    """The first ``utterances`` calibration clips in batches, with the dense model's posteriors on them (no grad)."""
+    out = []
+    with torch.no_grad():
+        for batch in audio.batches(adapter, limit=utterances):
+            labelled = self_labelled(adapter, batch)
+            log_probs, lengths = adapter.log_probs(labelled)
+            out.append((labelled, log_probs, lengths))
+    return out
+
+
+def calibration_cost(adapter: ModelAdapter, references: list[Reference]) -> float:
+    """Mean KL divergence per utterance from the dense posteriors to the model as it is now (no grad)."""
+    with torch.no_grad():
+        total = sum(float(distillation_loss(reference, adapter.log_probs(batch)[0], lengths, 1.0)) * len(batch)
+                    for batch, reference, lengths in references)
+    return total / max(1, sum(len(batch) for batch, _, _ in references))
+
+
 def block_costs(adapter: ModelAdapter, audio: CalibrationAudio, scores: Mapping[str, torch.Tensor],
                 allocation: str, grid: Sequence[float], utterances: int = DEFAULT_UTTERANCES,
                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[tuple[float, float]]]:
@@ -50,12 +73,8 @@ def block_costs(adapter: ModelAdapter, audio: CalibrationAudio, scores: Mapping[
     groups = blocks(list(scores))
     total, done = len(groups) * len(grid), 0
     try:
+        references = dense_references(adapter, audio, utterances)
         with torch.no_grad():
-            batches: list[tuple[Batch, torch.Tensor, torch.Tensor]] = []
-            for batch in audio.batches(adapter, limit=utterances):
-                labelled = self_labelled(adapter, batch)
-                log_probs, lengths = adapter.log_probs(labelled)
-                batches.append((labelled, log_probs, lengths))
             out: dict[str, list[tuple[float, float]]] = {}
             for block, names in groups.items():
                 codes = scored_codes({n: scores[n] for n in names}, list(grid), allocation)
@@ -64,9 +83,7 @@ def block_costs(adapter: ModelAdapter, audio: CalibrationAudio, scores: Mapping[
                 for index, sparsity in enumerate(grid, start=1):
                     for n in names:
                         params[n].copy_(saved[n] * (codes[n] >= index).to(saved[n].device, saved[n].dtype))
-                    cost = sum(float(distillation_loss(reference, adapter.log_probs(batch)[0], lengths, 1.0))
-                               * len(batch) for batch, reference, lengths in batches)
-                    points.append((float(sparsity), cost / max(1, sum(len(b) for b, _, _ in batches))))
+                    points.append((float(sparsity), calibration_cost(adapter, references)))
                     done += 1
                     if on_progress:
                         on_progress(done, total)
