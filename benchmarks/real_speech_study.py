@@ -182,7 +182,8 @@ def trained(args: argparse.Namespace, loss: str, variant: str, ctx: str) -> Path
     recipe = Path(__file__).resolve().parents[1] / "recipes" / (
         "dsnn-whisper-tiny-teacher.yaml" if loss == "teacher" else "dsnn-whisper-tiny.yaml")
     extra = ["--teacher", str(args.model), "--data", str(data / "train-audio.jsonl")] if loss == "teacher" else [
-        "--data", str(data / "train.jsonl"), "--set", "data.dev=null", "--set", "training.eval_every=0"]
+        "--data", str(data / "train.jsonl"), "--set", "data.dev=null", "--set", "training.eval_every=0", "--set",
+        "levels=null"]  # the bundle's levels
     lr = [] if args.lr is None else ["--lr", str(args.lr)]
     dsnn("finetune", str(pruned(args, variant)), "--recipe", str(recipe), "-o", str(bundle), "--steps",
          str(args.steps), *lr, "--force", "--set",
