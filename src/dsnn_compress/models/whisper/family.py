@@ -191,7 +191,8 @@ class WhisperFamily:
 
     @staticmethod
     def compact_refusal(kept: Mapping[str, int], fmt: str) -> str | None:
-        """Why ``fmt`` cannot hold these FFN sizes (``hf``/``ct2``: one size per side), or None."""
+        """Why ``fmt`` cannot hold these FFN sizes (``hf``: one size per side), or None (``ct2`` holds a size per
+        layer)."""
         return refusal(kept, fmt)
 
     @staticmethod
@@ -204,11 +205,10 @@ class WhisperFamily:
 
     @staticmethod
     def save_ct2(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
-        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory (not for per-layer FFN
-        sizes)."""
+        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory (FFN sizes may differ per
+        layer)."""
         from .export import save_ct2_directory
 
-        refuse_directory_export(adapter.ffn_dims, "ct2")
         return save_ct2_directory(adapter, output, level, dtype)
 
 
