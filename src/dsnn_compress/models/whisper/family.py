@@ -15,7 +15,7 @@ from ...errors import DsnnError, UsageError
 from ..hf_files import cannot_create, described_files
 from .adapter import WhisperAdapter, install_state_hooks
 from .depth import STACKS, DepthViews, depth_metadata, stack_sizes
-from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json
+from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json, renumber_alignment_heads
 from .structure import (
     apply_ffn_dims,
     check_dims,
@@ -157,7 +157,7 @@ class WhisperFamily:
     def compact(self, adapter: WhisperAdapter, kept: Mapping[str, int],
                 dropped: Mapping[str, Sequence[int]] | None = None) -> WhisperAdapter:
         """A fresh adapter whose layers have ``kept[name]`` FFN neurons and whose stacks lack the ``dropped`` layers
-        (weights to be loaded, kept layers renumbered)."""
+        (weights to be loaded, kept layers renumbered, and so are the decoder's alignment heads)."""
         widths = side_widths(adapter.model, kept)
         dropped = dropped or {}
         for side in widths:
@@ -165,8 +165,9 @@ class WhisperFamily:
             widths[side] = [w for i, w in enumerate(widths[side]) if i not in gone]
         meta = compact_metadata(adapter.metadata(), widths)
         if dropped:
-            meta = depth_metadata(meta, {stack: size - len(dropped.get(stack, ()))
-                                         for stack, size in stack_sizes(adapter.model).items()})
+            sizes = stack_sizes(adapter.model)
+            meta = depth_metadata(meta, {stack: size - len(dropped.get(stack, ())) for stack, size in sizes.items()})
+            meta = renumber_alignment_heads(meta, dropped.get(STACKS["decoder"]), sizes[STACKS["decoder"]])
         return self.from_metadata(meta)
 
     # depth levels (docs/depth.md): encoder and decoder layers dropped at sparse levels

@@ -124,6 +124,11 @@ def ct2_config(files: Mapping[str, str], vocabulary: list[str], decoder_layers: 
     alignment = generation.get("alignment_heads")
     if not alignment:  # every head of the second half of the decoder layers
         alignment = [[layer, head] for layer in range(decoder_layers // 2, decoder_layers) for head in range(heads)]
+    outside = [list(pair) for pair in alignment
+               if not (0 <= int(pair[0]) < decoder_layers and 0 <= int(pair[1]) < heads)]
+    if outside:  # CTranslate2 would crash on word timestamps
+        raise DsnnError(f"the generation config's alignment_heads {outside[:3]} lie outside the decoder's "
+                        f"{decoder_layers} layers x {heads} heads", CONSISTENT_HINT)
     suppress = {}
     for key in ("suppress_tokens", "begin_suppress_tokens"):
         value = generation.get(key) or model.get(key)
@@ -165,10 +170,10 @@ def write_ct2_directory(directory: str | Path, hf_state_dict: Mapping[str, torch
     vocabulary = ct2_vocabulary(text_files["tokenizer.json"], vocab_size)
     decoder_layers = names.layer_count(state, "model.decoder.")
     heads = int(variables["decoder/num_heads"])
+    config_text = names.json_text(ct2_config(text_files, vocabulary, decoder_layers, heads))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     write_model_bin(out / "model.bin", variables, aliases)
-    config_text = names.json_text(ct2_config(text_files, vocabulary, decoder_layers, heads))
     (out / "config.json").write_text(config_text, encoding="utf-8")
     (out / "vocabulary.txt").write_text("".join(token + "\n" for token in vocabulary), encoding="utf-8")
     (out / "tokenizer.json").write_text(text_files["tokenizer.json"], encoding="utf-8")
