@@ -137,7 +137,7 @@ def by_hand(export: Path, manifest_path: Path, compute_type: str, chunk_length: 
     texts, capped = [], 0
     for utterance in read_manifest(manifest_path):
         wave, rate = sf.read(utterance.audio_path, dtype="float32")
-        bound = 10 + math.ceil(10 * len(wave) / rate)
+        bound = 10 + math.ceil(10 * min(len(wave) / rate, chunk_length or 30))  # per window
         # faster-whisper hands CTranslate2 max_length = 2 (the prompt) + max_new_tokens, and CTranslate2's Whisper
         # makes at most max_length // 2 new tokens: this asks for `bound`
         segments, _ = model.transcribe(wave, language="en", beam_size=1, temperature=0.0, without_timestamps=True,
@@ -198,14 +198,16 @@ def test_runtime_gives_faster_whisper_transcripts_of_each_exported_level(directo
 
 def test_runtime_window_follows_the_encoder_context(directory, tmp_path, capsys):
     data = manifest(tmp_path, keep=2)
-    report = evaluate_fw(capsys, directory, data, tmp_path / "r.json", "--audio-ctx", "100", "--compute-type",
-                         "float32")
-    assert report["runtime"]["chunk_length"] == 2 and [e["level"] for e in report["levels"]] == [0.0]
+    bundle = prune(capsys, directory, tmp_path / "b.safetensors", "--levels", "0.5")
+    report = evaluate_fw(capsys, bundle, data, tmp_path / "r.json", "--audio-ctx", "50", "--compute-type", "float32")
+    assert report["runtime"]["chunk_length"] == 1
+    assert report["long_form"] == {"window_seconds": 1.0, "utterances": ["train-02732", "train-01493"],
+                                   "chunks": 4}  # 1.28 s and 1.25 s: two 1 s windows each
     export = tmp_path / "ct2"
-    assert run_cli(capsys, "export", prune(capsys, directory, tmp_path / "b.safetensors", "--levels", "0.5"),
-                   "--level", "0", "--format", "ct2", "-o", export).code == 0
-    texts, _ = by_hand(export, data, "float32", chunk_length=2)
-    assert [u["hypotheses"]["0"] for u in report["utterances"]] == texts
+    assert run_cli(capsys, "export", bundle, "--level", "0.5", "--format", "ct2", "-o", export).code == 0
+    texts, _ = by_hand(export, data, "float32", chunk_length=1)
+    assert [u["hypotheses"]["0.5"] for u in report["utterances"]] == texts
+    assert texts != by_hand(export, data, "float32")[0]  # 30 s windows decode otherwise
     result = run_cli(capsys, "evaluate", directory, "--data", data, "--runtime", "faster-whisper", "--audio-ctx",
                      "120")
     assert_usage_error(result, "faster-whisper windows are whole seconds", "2.4 s", "multiple of 50")
