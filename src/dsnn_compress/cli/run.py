@@ -58,13 +58,19 @@ def evaluate(
     repeats: Annotated[int, typer.Option("--repeats", help="Timing passes over the levels, interleaved (the first "
                                                            "also scores): RTFx is their median, with the range.")
                        ] = 5,
+    runtime: Annotated[str, typer.Option("--runtime", help="dsnn (this package's PyTorch model) or faster-whisper "
+                                                           "(Whisper: each level exported to a faster-whisper "
+                                                           "directory and transcribed there).")] = "dsnn",
+    compute_type: Annotated[str | None, typer.Option(
+        "--compute-type", help="--runtime faster-whisper: CTranslate2 compute type (int8, int8_float32, float32...; "
+                               "default int8).")] = None,
 ) -> None:
     """WER, CER, S/D/I, nonzero parameters and RTFx per sparsity level; optional CI gates (exit 3)."""
     from ..atomic import StagedOutputs, check_report_path
     from ..evaluation.evaluate import EvaluateOptions, gate_failure
     from ..evaluation.evaluate import evaluate as run_evaluate
     from ..report.plot import plot_wer, read_report, require_matplotlib, wer_curve
-    from ..report.tables import evaluation_markdown, evaluation_table, to_json
+    from ..report.tables import evaluation_markdown, evaluation_table, long_form_cuts, to_json
 
     if plot_with and plot is None:
         raise typer.BadParameter("--plot-with needs --plot F.png", param_hint="--plot-with")
@@ -83,7 +89,8 @@ def evaluate(
         options = EvaluateOptions(levels=levels, batch_frames=batch_frames, skip_bad=skip_bad, normalizer=normalizer,
                                   details=details, max_wer=tuple(max_wer or ()),
                                   max_wer_increase=tuple(max_wer_increase or ()), audio_ctx=audio_ctx,
-                                  kernels=kernels, verify=verify, compact=compact, repeats=repeats)
+                                  kernels=kernels, verify=verify, compact=compact, repeats=repeats,
+                                  runtime=runtime, compute_type=compute_type)
         report = run_evaluate(model, data, options, on_progress=on_progress)
     with StagedOutputs() as staged:  # the report files appear together or not at all
         if json_path is not None:
@@ -102,7 +109,7 @@ def evaluate(
         if report.long_form is not None:
             long = report.long_form
             err.print(f"note: {len(long.utterances)} utterance(s) longer than the model's {long.window_seconds:g} s "
-                      f"window were decoded in {long.chunks} chunks (cut at pauses): "
+                      f"window were decoded in {long.chunks} chunks ({long_form_cuts(report)}): "
                       + ", ".join(long.utterances[:10]) + (" ..." if len(long.utterances) > 10 else ""),
                       highlight=False)
     failure = gate_failure(report.gates)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,9 @@ from .results import (
 from .scoring import char_errors, word_errors
 from .timing import LevelTiming, pass_order, timed_batches
 
+RUNTIMES = ("dsnn", "faster-whisper")
+"""Where :func:`evaluate` runs the levels: dsnn's own PyTorch model and level switch, or faster-whisper
+(:mod:`~dsnn_compress.evaluation.faster_whisper`: each level exported to a faster-whisper directory)."""
 DEFAULT_BATCH_FRAMES = 30_000
 DEFAULT_REPEATS = 5
 """Timing passes by default: with 5 samples a level, two levels of equal speed show disjoint ranges by chance with
@@ -75,7 +78,10 @@ class EvaluateOptions:
     CSR per layer on the shapes of the first batch, before the timed passes. ``verify``: check the model file's
     checksums (when it has them) before anything runs. ``compact`` (structured bundles): run each level as its
     physically smaller model, so RTFx is that model's. ``repeats``: timing passes over the levels
-    (:mod:`~dsnn_compress.evaluation.timing`); 1 times each level once.
+    (:mod:`~dsnn_compress.evaluation.timing`); 1 times each level once. ``runtime``: ``dsnn`` or ``faster-whisper``
+    (Whisper models: each level exported to a faster-whisper directory and transcribed there, one utterance at a
+    time, with ``compute_type``; ``kernels`` and ``compact`` do not apply; see
+    :mod:`~dsnn_compress.evaluation.faster_whisper`).
     """
 
     levels: str | Sequence[float] = "all"
@@ -90,6 +96,8 @@ class EvaluateOptions:
     verify: bool = True
     compact: bool = False
     repeats: int = DEFAULT_REPEATS
+    runtime: str = "dsnn"
+    compute_type: str | None = None
 
     def check(self) -> None:
         """UsageError for a value that no model or data could make valid (before any file is read)."""
@@ -97,6 +105,16 @@ class EvaluateOptions:
             raise UsageError("--batch-frames must be positive")
         if self.repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {self.repeats}", "e.g. --repeats 3")
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"unknown --runtime {self.runtime!r}", f"choose one of {', '.join(RUNTIMES)}")
+        if self.runtime == "faster-whisper":
+            for flag, given in (("--kernels", self.kernels != "dense"), ("--compact", self.compact)):
+                if given:
+                    raise UsageError(f"{flag} does not apply to --runtime faster-whisper (faster-whisper runs each "
+                                     "level's exported model with its own kernels)", f"drop {flag}")
+        elif self.compute_type is not None:
+            raise UsageError("--compute-type applies to --runtime faster-whisper only",
+                             "add --runtime faster-whisper, or drop --compute-type")
         for spec in self.max_wer:
             parse_gate(spec, "--max-wer")
         for spec in self.max_wer_increase:
@@ -120,9 +138,42 @@ def evaluate(model_path: str | Path, data_path: str | Path, options: EvaluateOpt
     """
     opts = options or EvaluateOptions()
     opts.check()
+    if opts.runtime == "faster-whisper":
+        from .faster_whisper import evaluate_faster_whisper
+
+        return evaluate_faster_whisper(model_path, data_path, opts, on_progress=on_progress)
     loaded = load_model(model_path, opts.audio_ctx, opts.kernels, verify=opts.verify,
                         compact=opts.compact)  # checks --kernels first
     chosen = select_levels(loaded, opts.levels)
+    data, norm, normalize, count = read_scoring_data(loaded, data_path, opts, on_progress)
+    batches = bucket_batches(data.seconds, opts.batch_frames, shuffle=False, seed=0)
+    first = batches[0]
+    if loaded.kernels is not None:  # auto times each layer on the input shapes of a real batch
+        loaded.use_kernels(opts.kernels, lambda: transcribe_waveforms(loaded, [data.waveforms[i] for i in first],
+                                                                      [data.ids[i] for i in first]))
+    loaded.set_level(chosen[0])
+    transcribe_waveforms(loaded, [data.waveforms[i] for i in first], [data.ids[i] for i in first])  # warm-up
+    runs = _LevelRuns(loaded, data, batches, normalize, on_progress)
+    runs.run(chosen, opts.repeats)
+    loaded.set_level(0.0)
+    results = [runs.result(level) for level in chosen]
+    report = EvaluationReport(
+        model=ModelInfo(str(model_path), loaded.kind, loaded.adapter.family, opts.compact),
+        data=DataInfo(str(data_path), count), normalizer=norm, decoding=loaded.adapter.decoding,
+        threads=torch.get_num_threads(), levels=results,
+        skipped=[SkippedUtterance(s["id"], s["reason"]) for s in data.skipped],
+        kernels=_kernels_summary(loaded), timing=Timing(opts.repeats, sum(len(batches[b]) for b in runs.timed)),
+        tool=tool_metadata(),
+    )
+    report.long_form = long_form_record(loaded, data, runs.chunks)
+    return complete_report(report, loaded, data, runs.hypotheses, opts)
+
+
+def read_scoring_data(loaded: LoadedModel, data_path: str | Path, opts: EvaluateOptions,
+                      on_progress: Callable[[str, int, int], None] | None
+                      ) -> tuple[PreparedData, str, Callable[[str], str], int]:
+    """The manifest's audio and normalised references, read once for every level (DsnnError when nothing usable is
+    left); also the normaliser's name, the normaliser and the number of utterances in the manifest."""
     norm = opts.normalizer or loaded.adapter.normalizer
     normalize = get_normalizer(norm)  # validates the name
     utterances = read_manifest(data_path)
@@ -142,31 +193,19 @@ def evaluate(model_path: str | Path, data_path: str | Path, options: EvaluateOpt
     if not any(ref.split() for ref in data.references):
         raise DsnnError(f"the transcripts of {data_path} hold no words after normalisation, so WER is undefined",
                         "evaluate on data with non-empty transcripts")
-    batches = bucket_batches(data.seconds, opts.batch_frames, shuffle=False, seed=0)
-    first = batches[0]
-    if loaded.kernels is not None:  # auto times each layer on the input shapes of a real batch
-        loaded.use_kernels(opts.kernels, lambda: transcribe_waveforms(loaded, [data.waveforms[i] for i in first],
-                                                                      [data.ids[i] for i in first]))
-    loaded.set_level(chosen[0])
-    transcribe_waveforms(loaded, [data.waveforms[i] for i in first], [data.ids[i] for i in first])  # warm-up
-    runs = _LevelRuns(loaded, data, batches, normalize, on_progress)
-    runs.run(chosen, opts.repeats)
-    loaded.set_level(0.0)
-    results = [runs.result(level) for level in chosen]
-    report = EvaluationReport(
-        model=ModelInfo(str(model_path), loaded.kind, loaded.adapter.family, opts.compact),
-        data=DataInfo(str(data_path), len(utterances)), normalizer=norm, decoding=loaded.adapter.decoding,
-        threads=torch.get_num_threads(), levels=results,
-        skipped=[SkippedUtterance(s["id"], s["reason"]) for s in data.skipped],
-        kernels=_kernels_summary(loaded), timing=Timing(opts.repeats, sum(len(batches[b]) for b in runs.timed)),
-        tool=tool_metadata(),
-    )
-    report.long_form = long_form_record(loaded, data, runs.chunks)
+    return data, norm, normalize, len(utterances)
+
+
+def complete_report(report: EvaluationReport, loaded: LoadedModel, data: PreparedData,
+                    hypotheses: Mapping[float, Sequence[str]], opts: EvaluateOptions) -> EvaluationReport:
+    """``report`` with what every runtime adds the same way: how continuous levels were served, the transcripts
+    (``details``) and the gates."""
+    results = report.levels
     if not all(entry.trained for entry in results):
         report.continuous_levels = ContinuousLevels(SCORE, loaded.sparsity.allocation if loaded.sparsity else None)
     if opts.details:
         report.utterances = [
-            UtteranceResult(uid, ref, {f"{lv:g}": runs.hypotheses[lv][i] for lv in chosen})
+            UtteranceResult(uid, ref, {f"{entry.level:g}": hypotheses[entry.level][i] for entry in results})
             for i, (uid, ref) in enumerate(zip(data.ids, data.references, strict=True))
         ]
     report.gates = check_gates(results, opts.max_wer, opts.max_wer_increase)
@@ -249,19 +288,26 @@ class _LevelRuns:
 
     def result(self, level: float) -> LevelResult:
         """The scores (first pass) and the speed (every pass) of ``level``."""
-        data, hyps = self.data, self.hypotheses[level]
         nonzero, kernels, capped = self.scored[level]
-        measured = LevelTiming(sum(data.seconds[i] for b in self.timed for i in self.batches[b]),
+        measured = LevelTiming(sum(self.data.seconds[i] for b in self.timed for i in self.batches[b]),
                                tuple(self.passes[level]))
-        rtfx, span = measured.rtfx, measured.rtfx_range
-        return LevelResult(
-            level=level, words=word_errors(data.references, hyps), chars=char_errors(data.references, hyps),
-            nonzero_params=nonzero, audio_seconds=round(measured.audio_seconds, 3),
-            processing_seconds=round(measured.processing_seconds, 4), rtfx=None if rtfx is None else round(rtfx, 2),
-            rtfx_range=None if span is None else (round(span[0], 2), round(span[1], 2)),
-            utterances_scored=len(data.ids), utterances_skipped=len(data.skipped),
-            trained=self.loaded.is_trained(level), decodes_capped=capped, kernels=kernels,
-        )
+        return level_result(level, self.data, self.hypotheses[level], measured, nonzero,
+                            self.loaded.is_trained(level), capped, kernels)
+
+
+def level_result(level: float, data: PreparedData, hypotheses: Sequence[str], measured: LevelTiming, nonzero: int,
+                 trained: bool, capped: int, kernels: KernelUse | None = None) -> LevelResult:
+    """One level's entry: WER/CER of its normalised ``hypotheses`` against the references, the speed ``measured``
+    over the timing passes (median and range), and what the caller counted."""
+    rtfx, span = measured.rtfx, measured.rtfx_range
+    return LevelResult(
+        level=level, words=word_errors(data.references, hypotheses), chars=char_errors(data.references, hypotheses),
+        nonzero_params=nonzero, audio_seconds=round(measured.audio_seconds, 3),
+        processing_seconds=round(measured.processing_seconds, 4), rtfx=None if rtfx is None else round(rtfx, 2),
+        rtfx_range=None if span is None else (round(span[0], 2), round(span[1], 2)),
+        utterances_scored=len(data.ids), utterances_skipped=len(data.skipped),
+        trained=trained, decodes_capped=capped, kernels=kernels or KernelUse(),
+    )
 
 
 def parse_gate(spec: str, option: str) -> tuple[float | None, float]:

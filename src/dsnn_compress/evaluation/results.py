@@ -2,7 +2,8 @@
 
 :meth:`EvaluationReport.to_dict` writes the JSON report (schema ``dsnn-evaluate/1``); :meth:`EvaluationReport.
 from_dict` reads it back, also the reports of earlier versions (keys added since the first version get their
-defaults: ``trained`` True, ``decodes_capped`` 0, dense kernels, no ``rtfx_range``, no gates, no ``timing``).
+defaults: ``trained`` True, ``decodes_capped`` 0, dense kernels, no ``rtfx_range``, no gates, no ``timing``, the
+``dsnn`` runtime).
 """
 
 from __future__ import annotations
@@ -207,6 +208,37 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class RuntimeInfo:
+    """Where the levels ran: ``dsnn`` (its own PyTorch model and level switch) or ``faster-whisper`` (each level
+    exported to a faster-whisper directory and transcribed there, one utterance at a time).
+
+    ``compute_type`` is CTranslate2's (``int8``, ``float32``...; None for ``dsnn``); ``chunk_length`` the
+    faster-whisper window in seconds when the model's encoder context is shorter than 30 s (None: faster-whisper's
+    own 30 s); ``versions`` the runtime packages' versions.
+    """
+
+    name: str = "dsnn"
+    compute_type: str | None = None
+    chunk_length: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"name", "compute_type", "chunk_length", "versions"}``."""
+        return {"name": self.name, "compute_type": self.compute_type, "chunk_length": self.chunk_length,
+                "versions": dict(self.versions)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RuntimeInfo:
+        """The runtime of a JSON report (``dsnn`` for reports written before runtimes existed)."""
+        if not data:
+            return cls()
+        chunk = data.get("chunk_length")
+        return cls(str(data.get("name", "dsnn")), None if data.get("compute_type") is None
+                   else str(data["compute_type"]), None if chunk is None else int(chunk),
+                   {str(k): str(v) for k, v in (data.get("versions") or {}).items()})
+
+
+@dataclass(frozen=True)
 class SpeedComparison:
     """A level's speed against dense: the ratio of median RTFx, and whether the two ranges do not overlap."""
 
@@ -236,6 +268,8 @@ class EvaluationReport:
     utterances: list[UtteranceResult] | None = None
     """Per utterance transcripts (``--details``)."""
     tool: dict[str, str] = field(default_factory=dict)
+    runtime: RuntimeInfo = field(default_factory=RuntimeInfo)
+    """Where the levels ran (``dsnn`` in reports written before runtimes existed)."""
     schema: str = REPORT_SCHEMA
 
     def level(self, value: float) -> LevelResult | None:
@@ -259,6 +293,7 @@ class EvaluationReport:
             "normalizer": self.normalizer, "decoding": self.decoding, "threads": self.threads,
             "kernels": self.kernels.to_dict(), "levels": [entry.to_dict() for entry in self.levels],
             "skipped": [s.to_dict() for s in self.skipped], "gates": [g.to_dict() for g in self.gates],
+            "runtime": self.runtime.to_dict(),
         }
         if self.timing is not None:
             out["timing"] = self.timing.to_dict()
@@ -327,5 +362,6 @@ def _report_from_dict(data: Mapping[str, Any]) -> EvaluationReport:
                                                           int(long_form["chunks"])),
         utterances=None if utterances is None else [
             UtteranceResult(str(u["id"]), str(u["reference"]), dict(u["hypotheses"])) for u in utterances],
-        tool=dict(data.get("tool", {})), schema=str(data.get("schema", REPORT_SCHEMA)),
+        tool=dict(data.get("tool", {})), runtime=RuntimeInfo.from_dict(data.get("runtime")),
+        schema=str(data.get("schema", REPORT_SCHEMA)),
     )

@@ -219,6 +219,27 @@ def timing_note(report: EvaluationReport, subject: str = "RTFx") -> str | None:
     return text
 
 
+def runtime_note(report: EvaluationReport) -> str | None:
+    """Where the levels ran when it was not dsnn itself (``faster-whisper (ctranslate2 4.8.5, faster-whisper
+    1.2.1), compute type int8, ...``), or None."""
+    runtime = report.runtime
+    if runtime.name == "dsnn":
+        return None
+    versions = ", ".join(f"{name.replace('_', '-')} {version}" for name, version in sorted(runtime.versions.items()))
+    text = runtime.name + (f" ({versions})" if versions else "")
+    if runtime.compute_type:
+        text += f", compute type {runtime.compute_type}"
+    text += f", one utterance at a time, {report.threads} thread(s)"
+    if runtime.chunk_length is not None:
+        text += f", {runtime.chunk_length} s windows"
+    return text
+
+
+def long_form_cuts(report: EvaluationReport) -> str:
+    """How the runtime cut utterances longer than the window: at pauses (dsnn) or in fixed windows."""
+    return "cut at pauses" if report.runtime.name == "dsnn" else f"{report.runtime.name}'s fixed windows"
+
+
 def evaluation_table(report: EvaluationReport) -> Table:
     """WER/CER per level with S/D/I, nonzero parameters and RTFx (with its range and the speed against dense)."""
     table = Table(title=f"{report.model.path} on {report.data.path} (normaliser: {report.normalizer})",
@@ -240,8 +261,9 @@ def evaluation_table(report: EvaluationReport) -> Table:
             str(entry.utterances_scored), str(entry.utterances_skipped),
             *((str(entry.decodes_capped),) if bounded else ()), *((_sparse_count(report, entry),) if sparse else ()),
         )
-    notes = [UNTRAINED_NOTE if _has_untrained(report) else None, _kernels_caption(report) if sparse else None,
-             timing_note(report)]
+    runtime = runtime_note(report)
+    notes = [f"runtime: {runtime}" if runtime else None, UNTRAINED_NOTE if _has_untrained(report) else None,
+             _kernels_caption(report) if sparse else None, timing_note(report)]
     table.caption = "\n".join(note for note in notes if note) or None
     return table
 
@@ -280,7 +302,7 @@ def evaluation_markdown(report: EvaluationReport, speed: bool = True) -> str:
         f"### WER per sparsity level: `{report.model.path}`",
         "",
         f"Data: `{report.data.path}`; normaliser: `{report.normalizer}`; decoding: {report.decoding}; "
-        f"threads: {report.threads}.",
+        f"threads: {report.threads}." + (f" Runtime: {runtime_note(report)}." if runtime_note(report) else ""),
         "",
         f"| level | WER % | CER % | sub | del | ins | nonzero params |{speed_head}{' vs dense |' if versus else ''}"
         " scored | skipped |",
@@ -308,8 +330,8 @@ def evaluation_markdown(report: EvaluationReport, speed: bool = True) -> str:
         lines += ["", f"Decodes cut at the token bound (a looping decoder): {capped}."]
     if report.long_form is not None:
         long = report.long_form
-        lines += ["", f"Decoded in {long.chunks} chunks (longer than the model's {long.window_seconds:g} s window, cut "
-                      f"at pauses): {', '.join(f'`{u}`' for u in long.utterances)}."]
+        lines += ["", f"Decoded in {long.chunks} chunks (longer than the model's {long.window_seconds:g} s window, "
+                      f"{long_form_cuts(report)}): {', '.join(f'`{u}`' for u in long.utterances)}."]
     if report.skipped:
         lines += ["", f"Skipped {len(report.skipped)} utterance(s):", ""]
         lines += [f"- `{s.id}`: {s.reason}" for s in report.skipped]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import DsnnError
 from ..models.registry import describe_directory
-from ..models.whisper.ct2 import peek_ct2_header, read_ct2_directory
+from ..models.whisper.ct2 import ffn_dims_of, peek_ct2_header, read_ct2_directory
 from .opener import Source, SourceKind, SourceReader, register_reader
 
 KIND = SourceKind.CT2_DIR
@@ -26,13 +26,17 @@ def recognises(path: Path) -> bool:
 
 
 def read(path: Path, verify: bool = True) -> Source:
-    """The HF-named tensors, ``model.bin`` as the hashed file, the HF text files and the ``whisper`` description
-    (``verify`` has nothing to check: CTranslate2 files carry no dsnn checksums)."""
+    """The HF-named tensors, ``model.bin`` as the hashed file, the HF text files and the ``whisper`` description,
+    with the per-layer FFN sizes (``ffn_dims``) of a side whose layers differ (``verify`` has nothing to check:
+    CTranslate2 files carry no dsnn checksums)."""
     tensors, text_files = read_ct2_directory(path)
     meta = describe_directory(text_files, list(tensors))
     if meta is None:
         raise DsnnError(f"{path}: the CTranslate2 model was read but no model family recognises it",
                         "check that the whisper family is installed (dsnn_compress.models.whisper)")
+    ffn_dims = ffn_dims_of(tensors)
+    if ffn_dims:
+        meta = {**meta, "ffn_dims": ffn_dims}
     return Source(path, KIND, tensors, path / "model.bin", meta, hf_files=text_files)
 
 

@@ -69,13 +69,16 @@ def save_hf_directory(adapter: WhisperAdapter, output: str | os.PathLike, level:
 
 def save_ct2_directory(adapter: WhisperAdapter, output: str | os.PathLike, level: float | None = None,
                        dtype: torch.dtype | None = None) -> Path:
-    """Write ``adapter`` as a faster-whisper (CTranslate2) model directory."""
+    """Write ``adapter`` as a faster-whisper (CTranslate2) model directory, with the model's
+    ``preprocessor_config.json`` beside it (faster-whisper reads its mel bins from there: without it, 80)."""
     from .ct2 import write_ct2_directory
 
     out = Path(output)
     with atomic_directory(out) as tmp:
         state = weights_in(adapter.model.state_dict(), dtype)
         write_ct2_directory(tmp, state, adapter.hf_files)
+        if "preprocessor_config.json" in adapter.hf_files:
+            _write(tmp, "preprocessor_config.json", adapter.hf_files["preprocessor_config.json"])
         if level is not None:
             _write(tmp, "dsnn_export.json", json.dumps(_export_record(level), indent=2))
     return out

@@ -15,7 +15,7 @@ from ...errors import DsnnError, UsageError
 from ..hf_files import cannot_create, described_files
 from .adapter import WhisperAdapter, install_state_hooks
 from .depth import STACKS, DepthViews, depth_metadata, stack_sizes
-from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json
+from .metadata import BAD_META_HINT, FAMILY, INSTALL_HINT, TOKENIZER_FILES, parse_json, renumber_alignment_heads
 from .structure import (
     apply_ffn_dims,
     check_dims,
@@ -157,7 +157,7 @@ class WhisperFamily:
     def compact(self, adapter: WhisperAdapter, kept: Mapping[str, int],
                 dropped: Mapping[str, Sequence[int]] | None = None) -> WhisperAdapter:
         """A fresh adapter whose layers have ``kept[name]`` FFN neurons and whose stacks lack the ``dropped`` layers
-        (weights to be loaded, kept layers renumbered)."""
+        (weights to be loaded, kept layers renumbered, and so are the decoder's alignment heads)."""
         widths = side_widths(adapter.model, kept)
         dropped = dropped or {}
         for side in widths:
@@ -165,8 +165,9 @@ class WhisperFamily:
             widths[side] = [w for i, w in enumerate(widths[side]) if i not in gone]
         meta = compact_metadata(adapter.metadata(), widths)
         if dropped:
-            meta = depth_metadata(meta, {stack: size - len(dropped.get(stack, ()))
-                                         for stack, size in stack_sizes(adapter.model).items()})
+            sizes = stack_sizes(adapter.model)
+            meta = depth_metadata(meta, {stack: size - len(dropped.get(stack, ())) for stack, size in sizes.items()})
+            meta = renumber_alignment_heads(meta, dropped.get(STACKS["decoder"]), sizes[STACKS["decoder"]])
         return self.from_metadata(meta)
 
     # depth levels (docs/depth.md): encoder and decoder layers dropped at sparse levels
@@ -191,7 +192,8 @@ class WhisperFamily:
 
     @staticmethod
     def compact_refusal(kept: Mapping[str, int], fmt: str) -> str | None:
-        """Why ``fmt`` cannot hold these FFN sizes (``hf``/``ct2``: one size per side), or None."""
+        """Why ``fmt`` cannot hold these FFN sizes (``hf``: one size per side), or None (``ct2`` holds a size per
+        layer)."""
         return refusal(kept, fmt)
 
     @staticmethod
@@ -204,11 +206,10 @@ class WhisperFamily:
 
     @staticmethod
     def save_ct2(adapter: WhisperAdapter, output: Any, level: float | None = None, dtype: Any = None) -> Path:
-        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory (not for per-layer FFN
-        sizes)."""
+        """``dsnn export --format ct2``: a faster-whisper (CTranslate2) model directory (FFN sizes may differ per
+        layer)."""
         from .export import save_ct2_directory
 
-        refuse_directory_export(adapter.ffn_dims, "ct2")
         return save_ct2_directory(adapter, output, level, dtype)
 
 

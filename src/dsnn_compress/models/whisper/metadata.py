@@ -67,3 +67,23 @@ def whisper_metadata_from_files(files: Mapping[str, str], tensor_names: Any = No
     return {"family": FAMILY, "hf_files": kept, "normalizer": normalizer,
             "sample_rate": int(features.get("sampling_rate", 16000)) if isinstance(features, dict) else 16000,
             "audio_ctx": None}
+
+
+def renumber_alignment_heads(meta: Mapping[str, Any], dropped: Any, layers: int) -> dict[str, Any]:
+    """``meta`` whose generation config's ``alignment_heads`` (the ``[decoder layer, head]`` pairs word timestamps
+    read) fit a decoder without its ``dropped`` layers (of ``layers``): the kept layers' heads renumbered, the
+    dropped layers' heads left out and, when none is left, every head of the second half of the kept layers
+    (CTranslate2's converter rule). An alignment head past the last layer makes CTranslate2 crash."""
+    files = meta["hf_files"]
+    gone = set(dropped or ())
+    generation = parse_json(files, "generation_config.json") if "generation_config.json" in files else None
+    if not gone or not isinstance(generation, dict) or not generation.get("alignment_heads"):
+        return dict(meta)
+    index = {old: new for new, old in enumerate(i for i in range(layers) if i not in gone)}
+    heads = [[index[int(layer)], int(head)] for layer, head in generation["alignment_heads"] if int(layer) in index]
+    if not heads:
+        count = int(parse_json(files, "config.json")["decoder_attention_heads"])
+        heads = [[layer, head] for layer in range(len(index) // 2, len(index)) for head in range(count)]
+    generation["alignment_heads"] = heads
+    text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
+    return {**meta, "hf_files": {**files, "generation_config.json": text}}

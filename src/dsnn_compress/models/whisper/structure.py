@@ -8,7 +8,9 @@ CTranslate2 stores one ``num_heads`` per side too (``docs/whisper.md``).
 A level whose FFN size is the same in every layer of a side (``--allocation per-layer``; encoder and decoder may
 differ) is a config change (``encoder_ffn_dim`` / ``decoder_ffn_dim``) that the Hugging Face and faster-whisper
 (CTranslate2) directories hold. Different sizes per layer (``global``) travel in the model description's ``ffn_dims``
-(the dsnn checkpoint format) and are refused for ``hf`` and ``ct2``.
+(the dsnn checkpoint format); a faster-whisper directory holds them too (CTranslate2 takes each layer's FFN shapes
+from ``model.bin``, and the ``ct2-dir`` reader gives them back as ``ffn_dims``), a Hugging Face directory cannot
+(its config has one size per side), so only ``hf`` refuses them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ...errors import DsnnError, UsageError
 from ..hf_ctc.ffn import check_ffn_dims, ffn_spec, layer_widths, narrow_block, non_uniform_reason, resize_block, uniform
 
 SIDES = ("encoder", "decoder")
-FORMAT_NAMES = {"hf": "Hugging Face", "ct2": "CTranslate2 (faster-whisper)"}
+FORMAT_NAMES = {"hf": "Hugging Face"}
+"""The directory formats that hold one FFN size per side (CTranslate2's ``model.bin`` holds one per layer)."""
 
 
 def _layers(model: nn.Module, side: str) -> Any:
@@ -53,7 +56,7 @@ def side_widths(model: nn.Module, kept: Mapping[str, int]) -> dict[str, list[int
 
 
 def refusal(kept: Mapping[str, int], fmt: str) -> str | None:
-    """Why ``fmt`` (``hf``, ``ct2``) cannot hold these sizes: one FFN size per side, or None."""
+    """Why ``fmt`` (``hf``) cannot hold these sizes: one FFN size per side, or None (every other format)."""
     if fmt not in FORMAT_NAMES:
         return None
     for side in SIDES:
@@ -107,7 +110,10 @@ def set_widths(model: nn.Module, kept: Mapping[str, int] | None) -> None:
 
 
 def refuse_directory_export(dims: Mapping[str, list[int]] | None, fmt: str) -> None:
-    """UsageError when a model with per-layer FFN sizes is to be written as a ``fmt`` directory."""
+    """UsageError when a model with per-layer FFN sizes is to be written as a ``fmt`` directory that holds one size
+    per side (``hf``)."""
+    if fmt not in FORMAT_NAMES:
+        return
     for side, widths in (dims or {}).items():
         if uniform(widths) is None:
             raise UsageError(non_uniform_reason(FORMAT_NAMES[fmt], f"{side}_ffn_dim", widths),

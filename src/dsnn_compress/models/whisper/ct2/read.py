@@ -4,7 +4,9 @@ The state dict keeps the file's dtypes; fused q/k/v are split and the all-zero k
 adds a per-query constant to the scores that softmax cancels); ``proj_out.weight`` is left out (it is tied). The
 text files (``config.json``, generation config, feature extractor, tokenizer) are derived from the tensors' sizes,
 CTranslate2's ``config.json`` and the vocabulary, so that the ``whisper`` family describes the model as it would a
-Hugging Face directory. Hugging Face Whisper has one FFN size per side: every layer must have layer 0's.
+Hugging Face directory. Each layer keeps its own FFN size: a side whose layers differ (a structured level with
+``global`` allocation) gets layer 0's size in ``config.json`` and its per-layer sizes from :func:`ffn_dims_of`,
+which the reader puts in the model description (``ffn_dims``, as dsnn checkpoints carry them).
 """
 
 from __future__ import annotations
@@ -88,15 +90,31 @@ def _dimensions(variables: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return dims
 
 
-def _sizes(dims: Mapping[str, int]) -> WhisperSizes:
-    """The name map's sizes of a Hugging Face config: every layer of a side has the side's one FFN size."""
+def _sizes(dims: Mapping[str, int], variables: Mapping[str, torch.Tensor]) -> WhisperSizes:
+    """The name map's sizes: ``dims``, and each layer's FFN size read from its ``ffn/linear_0`` rows (a missing
+    variable reads as the side's ``config.json`` size and is then reported by name)."""
+    ffn = {side: tuple(rows(variables.get(f"{side}/layer_{index}/ffn/linear_0/weight")) or dims[f"{side}_ffn_dim"]
+                       for index in range(dims[f"{side}_layers"])) for side in SIDES}
     return WhisperSizes(
         d_model=dims["d_model"],
         vocab_size=dims["vocab_size"],
         num_mel_bins=dims["num_mel_bins"],
         positions={"encoder": dims["max_source_positions"], "decoder": dims["max_target_positions"]},
-        ffn={side: (dims[f"{side}_ffn_dim"],) * dims[f"{side}_layers"] for side in SIDES},
+        ffn=ffn,
     )
+
+
+def ffn_dims_of(state: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per side whose layers have different FFN sizes, each layer's size (its ``fc1`` rows) in a Hugging Face
+    Whisper state dict: the model description's ``ffn_dims``, which a Hugging Face config cannot hold (empty when
+    every side has one size)."""
+    dims = {}
+    for side in SIDES:
+        sizes = [rows(state.get(f"model.{side}.layers.{index}.fc1.weight"))
+                 for index in range(layer_count(state, f"model.{side}."))]
+        if len(set(sizes)) > 1:
+            dims[side] = sizes
+    return dims
 
 
 def ct2_to_hf(variables: Mapping[str, torch.Tensor], aliases: Mapping[str, str]
@@ -108,7 +126,7 @@ def ct2_to_hf(variables: Mapping[str, torch.Tensor], aliases: Mapping[str, str]
                         CONVERT_HINT)
     _check_scalars(variables)
     dims = _dimensions(variables)
-    entries = name_map(_sizes(dims))
+    entries = name_map(_sizes(dims, variables))
     state: dict[str, torch.Tensor] = {}
     for name, entry in entries.items():
         if name not in variables:

@@ -3,7 +3,9 @@
 Writes what ctranslate2's ``TransformersConverter`` writes, byte for byte: ``model.bin`` (q/k/v fused with a zero
 key bias, the spec scalars, identical tensors stored once and aliased), ``config.json`` (derived as ctranslate2's
 ``WhisperLoader`` derives it), ``vocabulary.txt`` and ``tokenizer.json``. The sizes come from the tensors: the
-layers of a side are the numbered ones its state dict holds, and each layer's FFN size is its ``fc1``'s rows.
+layers of a side are the numbered ones its state dict holds, and each layer's FFN size is its ``fc1``'s rows, so the
+layers of a side may have different FFN sizes (a structured level with ``global`` allocation): CTranslate2 reads each
+layer's ``ffn/linear_0`` / ``linear_1`` shapes from ``model.bin`` and runs them (``docs/whisper.md``).
 """
 
 from __future__ import annotations
@@ -47,21 +49,6 @@ def _sizes(state: Mapping[str, torch.Tensor], embedding: torch.Tensor, conv1: to
     )
 
 
-def _check_one_ffn_size(state: Mapping[str, torch.Tensor], sizes: names.WhisperSizes) -> None:
-    """Every layer of a side has layer 0's FFN size (a missing ``fc1`` is reported later, by name).
-
-    CTranslate2 would hold a size per layer, but the reader could not give such a model back: a Hugging Face
-    Whisper config has one FFN size per side.
-    """
-    for side, sizes_of_layers in sizes.ffn.items():
-        first = sizes_of_layers[0]
-        for index, size in enumerate(sizes_of_layers):
-            if first and size and size != first:
-                name = f"model.{side}.layers.{index}.fc1.weight"
-                raise DsnnError(f"{name} has shape {list(state[name].shape)}, which does not fit "
-                                f"{side}/layer_{index}/ffn/linear_0/weight {[first, sizes.d_model]}", CONSISTENT_HINT)
-
-
 def hf_to_ct2(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CTranslate2 variables and aliases of an HF Whisper state dict (q/k/v fused with a zero key bias)."""
@@ -80,7 +67,6 @@ def hf_to_ct2(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
             raise DsnnError(f"config.json does not match the state dict ({side} layers or attention heads)",
                             CONSISTENT_HINT)
         variables[f"{side}/num_heads"] = torch.tensor(heads, dtype=torch.int16)
-    _check_one_ffn_size(state, sizes)
     used = {"proj_out.weight"}
     for name, entry in names.name_map(sizes).items():
         missing = [hf_name for hf_name in entry.hf_names if hf_name and hf_name not in state]
@@ -138,6 +124,11 @@ def ct2_config(files: Mapping[str, str], vocabulary: list[str], decoder_layers: 
     alignment = generation.get("alignment_heads")
     if not alignment:  # every head of the second half of the decoder layers
         alignment = [[layer, head] for layer in range(decoder_layers // 2, decoder_layers) for head in range(heads)]
+    outside = [list(pair) for pair in alignment
+               if not (0 <= int(pair[0]) < decoder_layers and 0 <= int(pair[1]) < heads)]
+    if outside:  # CTranslate2 would crash on word timestamps
+        raise DsnnError(f"the generation config's alignment_heads {outside[:3]} lie outside the decoder's "
+                        f"{decoder_layers} layers x {heads} heads", CONSISTENT_HINT)
     suppress = {}
     for key in ("suppress_tokens", "begin_suppress_tokens"):
         value = generation.get(key) or model.get(key)
@@ -179,10 +170,10 @@ def write_ct2_directory(directory: str | Path, hf_state_dict: Mapping[str, torch
     vocabulary = ct2_vocabulary(text_files["tokenizer.json"], vocab_size)
     decoder_layers = names.layer_count(state, "model.decoder.")
     heads = int(variables["decoder/num_heads"])
+    config_text = names.json_text(ct2_config(text_files, vocabulary, decoder_layers, heads))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     write_model_bin(out / "model.bin", variables, aliases)
-    config_text = names.json_text(ct2_config(text_files, vocabulary, decoder_layers, heads))
     (out / "config.json").write_text(config_text, encoding="utf-8")
     (out / "vocabulary.txt").write_text("".join(token + "\n" for token in vocabulary), encoding="utf-8")
     (out / "tokenizer.json").write_text(text_files["tokenizer.json"], encoding="utf-8")
